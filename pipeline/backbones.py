@@ -1,0 +1,231 @@
+"""Registry of frozen ImageNet backbones: name -> model, widths, Grad-CAM layer.
+
+Every backbone is made through `create_backbone(name, weights)`, which returns
+a `FrozenBackbone`: an eval-mode module whose forward returns the globally
+average-pooled output of the last conv stage (the paper's features) and, from
+the same pass, the pooled outputs of the earlier resolution stages.
+Adding a backbone means adding one `BackboneSpec` to `REGISTRY`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights could not be loaded (offline, missing file, bad enum)."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    builder: Callable[..., nn.Module]   # torchvision.models constructor
+    weights_enum: type                  # torchvision weights enum class
+    feature_width: int                  # width of the final pooled features
+    stage_widths: tuple[int, ...]       # widths of the earlier stages' pooled outputs
+    stage_indices: tuple[int, ...]      # where those stages end (module indices)
+    cam_layer: str                      # attribute path of the Grad-CAM target layer
+
+    @property
+    def stages_width(self) -> int:
+        return sum(self.stage_widths)
+
+
+# Stage ends are the last block at each spatial resolution before the final one
+# (112, 56, 28, 14 and, for the inverted-residual nets, the 7x7 blocks before the
+# 1x1 head conv). Age lives in texture as well as shape, so heads can use these.
+REGISTRY: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec(
+            name="mobilenet_v2",
+            builder=torchvision.models.mobilenet_v2,
+            weights_enum=torchvision.models.MobileNet_V2_Weights,
+            feature_width=1280,
+            stage_widths=(16, 24, 32, 96, 320),
+            stage_indices=(1, 3, 6, 13, 17),
+            cam_layer="features.18",
+        ),
+        BackboneSpec(
+            name="resnet50",
+            builder=torchvision.models.resnet50,
+            weights_enum=torchvision.models.ResNet50_Weights,
+            feature_width=2048,
+            stage_widths=(256, 512, 1024),
+            stage_indices=(1, 2, 3),  # layer1..layer3
+            cam_layer="layer4",
+        ),
+        BackboneSpec(
+            name="efficientnet_b0",
+            builder=torchvision.models.efficientnet_b0,
+            weights_enum=torchvision.models.EfficientNet_B0_Weights,
+            feature_width=1280,
+            stage_widths=(16, 24, 40, 112, 320),
+            stage_indices=(1, 2, 3, 5, 7),
+            cam_layer="features.8",
+        ),
+    )
+}
+
+DEFAULT_BACKBONES = tuple(REGISTRY)
+DEFAULT_WEIGHTS = "IMAGENET1K_V1"
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(REGISTRY)}") from None
+
+
+def parse_backbones(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """'a,b' or ['a', 'b'] -> validated tuple of names, order kept, no repeats."""
+    names = text.split(",") if isinstance(text, str) else list(text)
+    names = [n.strip() for n in names if n.strip()]
+    for name in names:
+        get_spec(name)
+    if len(set(names)) != len(names):
+        raise ValueError(f"backbone listed twice in {names}")
+    return tuple(names)
+
+
+def _pool(x: torch.Tensor) -> torch.Tensor:
+    return x.float().mean(dim=(2, 3))
+
+
+class FrozenBackbone(nn.Module):
+    """A torchvision classifier reduced to its pooled features, frozen.
+
+    forward(x) -> (pooled [B, feature_width], stages [B, stages_width]).
+    `cam_layer` is the module whose activations Grad-CAM uses.
+    """
+
+    def __init__(self, spec: BackboneSpec, model: nn.Module, weights_id: str):
+        super().__init__()
+        self.spec = spec
+        self.weights_id = weights_id
+        self.model = model
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.cam_layer = self.model.get_submodule(spec.cam_layer)
+
+    def train(self, mode: bool = True):
+        # Frozen means BatchNorm statistics never move, whatever the caller does.
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.spec.name == "resnet50":
+            return self._forward_resnet(x)
+        return self._forward_sequential(x)
+
+    def _forward_sequential(self, x):
+        stages = []
+        for i, block in enumerate(self.model.features):
+            x = block(x)
+            if i in self.spec.stage_indices:
+                stages.append(_pool(x))
+        return _pool(x), torch.cat(stages, dim=1)
+
+    def _forward_resnet(self, x):
+        m = self.model
+        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        stages = []
+        for layer in (m.layer1, m.layer2, m.layer3):
+            x = layer(x)
+            stages.append(_pool(x))
+        x = m.layer4(x)
+        return _pool(x), torch.cat(stages, dim=1)
+
+
+def is_weights_file(weights) -> bool:
+    return weights is not None and (Path(str(weights)).suffix in {".pth", ".pt", ".bin", ".safetensors"}
+                                    or Path(str(weights)).exists())
+
+
+def resolve_weights_id(name: str, weights: str | None) -> str:
+    """The id that create_backbone would record, without building the model."""
+    spec = get_spec(name)
+    if weights is None or str(weights).lower() == "none":
+        return "none"
+    if is_weights_file(weights):
+        if not Path(weights).is_file():
+            raise WeightsUnavailable(f"{name}: weights file {weights} does not exist")
+        return weights_file_id(Path(weights))
+    if str(weights) not in spec.weights_enum.__members__:
+        options = ", ".join(m.name for m in spec.weights_enum)
+        raise WeightsUnavailable(
+            f"{name}: unknown weights {weights!r}; use one of {options}, or a path to a state-dict file")
+    return str(weights)
+
+
+def create_backbone(name: str, weights: str | None = DEFAULT_WEIGHTS) -> FrozenBackbone:
+    """Build a frozen backbone.
+
+    weights: a weights-enum member name (e.g. "IMAGENET1K_V1"), a path to a
+    local state-dict file, or None / "none" for random init (tests).
+    """
+    spec = get_spec(name)
+    if weights is None or str(weights).lower() == "none":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # random-init models are the same in every process
+            model = spec.builder(weights=None)
+        return FrozenBackbone(spec, model, "none")
+    weights_id = resolve_weights_id(name, weights)
+    if is_weights_file(weights):
+        return FrozenBackbone(spec, _model_from_file(spec, Path(weights)), weights_id)
+    enum_member = spec.weights_enum[weights_id]
+    try:
+        model = spec.builder(weights=enum_member)
+    except Exception as err:  # offline, blocked download, corrupt cache
+        raise WeightsUnavailable(_weights_help(name, enum_member, err)) from err
+    return FrozenBackbone(spec, model, enum_member.name)
+
+
+def _model_from_file(spec: BackboneSpec, path: Path) -> nn.Module:
+    if not path.is_file():
+        raise WeightsUnavailable(f"{spec.name}: weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise WeightsUnavailable(f"{spec.name}: cannot read weights file {path}: {err}") from err
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    model = spec.builder(weights=None)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise WeightsUnavailable(f"{spec.name}: {path} is not a {spec.name} state dict: {err}") from err
+    return model
+
+
+def weights_file_id(path: Path) -> str:
+    """Identify a weights file by content, so a renamed copy still matches."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return f"file:{path.name}:sha256={digest}"
+
+
+def _weights_help(name: str, enum_member, err: Exception) -> str:
+    import os
+
+    cache = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
+    filename = Path(enum_member.url).name
+    return (
+        f"cannot load {name} weights {enum_member.name} ({type(err).__name__}: {err}).\n"
+        f"torchvision looks for {cache / filename} and otherwise downloads {enum_member.url}.\n"
+        f"Offline? Put that file there, or set TORCH_HOME to a folder holding hub/checkpoints/{filename}\n"
+        f"(on the project's machines: export TORCH_HOME=$PWD/../shared/torch),\n"
+        f"or pass --weights /path/to/{name}_state_dict.pth."
+    )

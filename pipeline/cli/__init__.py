@@ -1,0 +1,1 @@
+"""Click commands. Each is a thin layer: parse options, call pipeline/, print."""

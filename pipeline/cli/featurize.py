@@ -1,0 +1,174 @@
+"""`featurize`: cache frozen-backbone features of face images in HDF5.
+
+    featurize [DATA_DIR] -o features.h5     compute (resumes if interrupted)
+    featurize merge SHARD.h5 ... -o OUT.h5  join shard files
+    featurize info FEATURES.h5              what a feature file holds
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from ..backbones import DEFAULT_BACKBONES, DEFAULT_WEIGHTS, WeightsUnavailable, parse_backbones
+from ..dataset import parse_edges
+from ..store import SettingsMismatch
+
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / "sample" / "utkface"
+
+
+class DefaultCommandGroup(click.Group):
+    """A group that runs `run` when the first argument is not a subcommand name."""
+
+    def parse_args(self, ctx, args):
+        if not args or args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Cache pooled features of frozen ImageNet backbones for UTKFace-style face images.
+
+    Each image is decoded once; its plain and mirrored views go through every
+    backbone; the pooled features land in one HDF5 file. Run `featurize run -h`
+    for the options of the main command (also used when no subcommand is named).
+    """
+
+
+def _parse_weights(text: str, backbones: tuple[str, ...]) -> dict[str, str | None]:
+    """'IMAGENET1K_V1' for all, or 'resnet50=/path.pth,mobilenet_v2=IMAGENET1K_V1'."""
+    if "=" not in text:
+        return {name: text for name in backbones}
+    weights = {name: DEFAULT_WEIGHTS for name in backbones}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name.strip() not in backbones:
+            raise click.BadParameter(f"{name!r} is not one of the chosen backbones {backbones}", param_hint="--weights")
+        weights[name.strip()] = value.strip()
+    return weights
+
+
+@main.command("run", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("data_dir", required=False, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--data", "data_opt", type=click.Path(path_type=Path, file_okay=False),
+              help="Same as DATA_DIR. Default: the 96-image sample shipped in sample/utkface.")
+@click.option("-o", "--out", type=click.Path(path_type=Path, dir_okay=False), default=Path("features.h5"),
+              show_default=True, help="Feature file to write (with --shard: one file per shard).")
+@click.option("--backbones", default=",".join(DEFAULT_BACKBONES), show_default=True,
+              help="Comma-separated backbone names.")
+@click.option("--weights", default=DEFAULT_WEIGHTS, show_default=True,
+              help="Weights enum name for all backbones, 'none' for random init, or "
+                   "name=ENUM_OR_FILE pairs, e.g. resnet50=/models/r50.pth.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--decoder", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True,
+              help="Decode/resize with NVIDIA DALI or torchvision. auto: DALI if installed.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--bins", default="25,50,75,116", show_default=True,
+              help="Inclusive upper age edges of the groups.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the 70/15/15 split.")
+@click.option("--split-file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="CSV with columns file,split that replaces the seeded split.")
+@click.option("--limit", type=click.IntRange(1), help="Only the first N images (sorted by path).")
+@click.option("--shard", help="i/n: compute the i-th of n shards. Default from SLURM_ARRAY_TASK_ID/"
+                              "SLURM_ARRAY_TASK_COUNT or RANK/WORLD_SIZE when set.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def run_command(data_dir, data_opt, out, backbones, weights, batch_size, device, decoder, dtype, bins, seed,
+                split_file, limit, shard, quiet):
+    """Featurize DATA_DIR (searched recursively) into an HDF5 feature file.
+
+    Interrupt at any moment and rerun the same command: it resumes. A finished
+    file with the same settings is left alone.
+    """
+    from .. import extract
+
+    if data_dir and data_opt and data_dir != data_opt:
+        raise click.UsageError("give the data folder once, as DATA_DIR or --data")
+    data_dir = data_dir or data_opt or SAMPLE_DIR
+    try:
+        names = parse_backbones(backbones)
+        edges = parse_edges(bins)
+        shard_spec = extract.parse_shard(shard) if shard else (extract.shard_from_env() or (0, 1))
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from err
+    config = extract.FeaturizeConfig(
+        data_dir=data_dir, out=out, backbones=names, weights=_parse_weights(weights, names),
+        batch_size=batch_size, device=device, decoder=decoder, dtype=dtype, group_edges=edges,
+        seed=seed, split_file=split_file, limit=limit, shard=shard_spec,
+    )
+    try:
+        summary = extract.run(config, progress=None if quiet else _progress_bar, log=click.echo)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: finished batches are kept in {extract.shard_path(out, shard_spec)}.parts; "
+                   f"rerun the same command to resume", err=True)
+        sys.exit(130)
+    except (SettingsMismatch, WeightsUnavailable, FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    _print_summary(summary)
+
+
+def _progress_bar(total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="img", desc="featurize", dynamic_ncols=True)
+
+
+def _print_summary(summary: dict) -> None:
+    if summary["status"] == "already done":
+        click.echo(f"{summary['out']} is already complete ({summary['rows']} images, same settings): nothing to do.")
+        return
+    mb = summary["bytes"] / 2**20
+    click.echo(f"wrote {summary['out']}: {summary['written']} images, {mb:.1f} MiB")
+    if summary["computed"]:
+        click.echo(f"computed {summary['computed']} images in {summary['seconds']:.1f} s "
+                   f"({summary['images_per_s']:.1f} images/s, each through every backbone, both views)")
+    click.echo("splits: " + ", ".join(f"{k or 'unlisted'} {v}" for k, v in sorted(summary["splits"].items())))
+    skipped = summary["skipped"]
+    if skipped:
+        reasons = Counter(reason.split(":")[0] for _, reason in skipped)
+        click.echo(f"skipped {len(skipped)}: " + ", ".join(f"{n} {r}" for r, n in reasons.most_common()))
+        for path, reason in skipped[:10]:
+            click.echo(f"  {path}: {reason}")
+        if len(skipped) > 10:
+            click.echo(f"  ... and {len(skipped) - 10} more (see /skipped in the file)")
+
+
+@main.command("merge", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
+def merge_command(shards, out):
+    """Join the files of a sharded run (--shard i/n) into one feature file."""
+    from ..store import merge
+
+    try:
+        result = merge(list(shards), out)
+    except (SettingsMismatch, ValueError, KeyError, OSError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"merged {result['shards']} shards into {out}: {result['written']} images")
+
+
+@main.command("info", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("features", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+def info_command(features):
+    """Show what a feature file holds and the settings that made it."""
+    from ..store import file_summary, read_meta, read_settings
+    from ..dataset import split_counts
+
+    try:
+        summary, settings, meta = file_summary(features), read_settings(features), read_meta(features)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"{features}: {summary['rows']} images, {summary['skipped']} skipped, "
+               f"{summary['bytes'] / 2**20:.1f} MiB, fingerprint {summary['fingerprint']}")
+    for name, shape in summary["backbones"].items():
+        click.echo(f"  {name:16s} {shape}  weights {settings['weights'][name]}")
+    click.echo(f"  splits: {split_counts(meta['split'])}  ({settings['split_source']})")
+    click.echo(f"  group edges: {settings['group_edges']}  seed: {settings['seed']}  dtype: {settings['dtype']}")
+
+
+if __name__ == "__main__":
+    main()

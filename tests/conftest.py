@@ -1,0 +1,90 @@
+"""Shared fixtures: folders of UTKFace-named images made by the test, and real-data switches."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/synthetic.py, tests/imagefactory.py
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REAL_IMAGES = SHARED / "data" / "utkface"
+REAL_WEIGHTS = SHARED / "torch"
+
+
+def real_data_reason() -> str | None:
+    """Why the real-data tests cannot run here, or None when they can."""
+    if not REAL_IMAGES.is_dir():
+        return f"UTKFace not found at {REAL_IMAGES}"
+    torch_home = os.environ.get("TORCH_HOME")
+    if not torch_home or not (Path(torch_home) / "hub" / "checkpoints").is_dir():
+        return "TORCH_HOME is not set to a folder with hub/checkpoints (ImageNet weights)"
+    return None
+
+
+def face_like(seed: int, size: int = 200) -> np.ndarray:
+    """A smooth random picture: a bright ellipse on a gradient, varied by seed."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:size, 0:size] / size
+    base = np.stack([rows, cols, (rows + cols) / 2], axis=-1) * rng.uniform(40, 120, size=3)
+    cy, cx = rng.uniform(0.4, 0.6, size=2)
+    face = ((rows - cy) / 0.35) ** 2 + ((cols - cx) / 0.28) ** 2 < 1
+    base[face] += rng.uniform(80, 140, size=3)
+    base += rng.normal(0, 6, size=base.shape)
+    return np.clip(base, 0, 255).astype(np.uint8)
+
+
+def write_utk_folder(folder: Path, ages, start_seed: int = 0) -> list[Path]:
+    """JPEGs named like UTKFace crops, one per age, with distinct pictures."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, age in enumerate(ages):
+        path = folder / f"{age}_{i % 2}_{i % 5}_20170109{i:09d}.jpg.chip.jpg"
+        Image.fromarray(face_like(start_seed + i)).save(path, quality=92)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def utk_folder(tmp_path) -> Path:
+    """12 images over the four groups."""
+    folder = tmp_path / "utk"
+    write_utk_folder(folder, [3, 12, 20, 25, 26, 33, 47, 51, 60, 75, 80, 101])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def calibrated_mobilenet(tmp_path_factory) -> Path:
+    """A random-init MobileNetV2 whose BatchNorm statistics were fitted to random inputs.
+
+    Plain random init gives pooled features near 1e-9, which float16 stores as 0;
+    calibrated statistics give features of order 1, so comparisons mean something.
+    """
+    import torch
+    import torchvision
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = torchvision.models.mobilenet_v2(weights=None)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.momentum = None  # cumulative average over the calibration batches
+        model.train()
+        with torch.no_grad():
+            for _ in range(3):
+                model(torch.randn(8, 3, 224, 224))
+    path = tmp_path_factory.mktemp("weights") / "mobilenet_v2_calibrated.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def fast(calibrated_mobilenet) -> list[str]:
+    """CLI options for a quick featurize with one small, meaningful backbone."""
+    return ["--backbones", "mobilenet_v2", "--weights", str(calibrated_mobilenet), "--quiet"]

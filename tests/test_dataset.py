@@ -1,0 +1,144 @@
+"""Name parsing, the skip list, age groups and duplicate-aware splits."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+
+import numpy as np
+import pytest
+from conftest import REAL_IMAGES, SHARED, write_utk_folder
+
+from pipeline.constants import RACE_UNKNOWN
+from pipeline.dataset import (Record, age_to_group, apply_split_file, assign_splits, parse_edges, parse_name,
+                              read_split_file, scan)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("23_1_2_20170116174525125.jpg.chip.jpg", (23, 1, 2)),
+    ("0_0_4_20161219193000000.jpg.chip.jpg", (0, 0, 4)),
+    ("116_1_0_20170112213500903.jpg.chip.jpg", (116, 1, 0)),
+    ("39_1_20170116174525125.jpg.chip.jpg", (39, 1, RACE_UNKNOWN)),      # real file without race
+    ("24_0_1_20170116220224657 .jpg.chip.jpg", (24, 0, 1)),              # real file with a space
+    ("55_0_0_20170116232725357jpg.chip.jpg", (55, 0, 0)),                # real file missing a dot
+])
+def test_parse_name_accepts_real_utkface_names(name, expected):
+    assert parse_name(name) == expected
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("face.jpg", "not age_gender_race_datetime"),
+    ("117_0_0_20170116174525125.jpg.chip.jpg", "age 117 outside 0-116"),
+    ("30_2_0_20170116174525125.jpg.chip.jpg", "gender 2"),
+    ("30_1_7_20170116174525125.jpg.chip.jpg", "race 7"),
+    ("30_1_0.jpg", "not age_gender_race_datetime"),
+])
+def test_parse_name_rejects_with_reason(name, reason):
+    with pytest.raises(ValueError, match=reason):
+        parse_name(name)
+
+
+def test_group_edges_are_inclusive():
+    ages = np.array([0, 25, 26, 50, 51, 75, 76, 116])
+    assert age_to_group(ages).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    edges = parse_edges("17,64")
+    assert edges == (17, 64, 116)
+    assert age_to_group(np.array([17, 18, 64, 65, 116]), edges).tolist() == [0, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("text", ["50,25", "a,b", "-1,50", "25,50,200"])
+def test_bad_edges_are_refused(text):
+    with pytest.raises(ValueError, match="--bins"):
+        parse_edges(text)
+
+
+def test_scan_is_recursive_and_lists_skips(tmp_path):
+    # The in-the-wild release comes as part1/part2/part3 folders.
+    write_utk_folder(tmp_path / "part1", [5, 40])
+    write_utk_folder(tmp_path / "part2" / "nested", [70, 90], start_seed=10)
+    (tmp_path / "part2" / "holiday.jpg").write_bytes(b"whatever")
+    (tmp_path / "part3").mkdir()
+    (tmp_path / "part3" / "200_0_0_20170109000000001.jpg.chip.jpg").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("not an image, not listed")
+
+    records, skipped = scan(tmp_path)
+    assert sorted(r.age for r in records) == [5, 40, 70, 90]
+    assert {r.path.split("/")[0] for r in records} == {"part1", "part2"}
+    assert any(r.path.startswith("part2/nested/") for r in records)
+    assert [r.group for r in sorted(records, key=lambda r: r.age)] == [0, 1, 2, 3]
+    reasons = {s.path: s.reason for s in skipped}
+    assert reasons == {
+        "part2/holiday.jpg": "bad name: name is not age_gender_race_datetime",
+        "part3/200_0_0_20170109000000001.jpg.chip.jpg": "bad name: age 200 outside 0-116",
+    }
+    assert all(len(r.sha256) == 64 for r in records)
+
+
+def _records(groups_and_shas):
+    return [Record(f"{i}.jpg", 30, 0, 0, g, sha) for i, (g, sha) in enumerate(groups_and_shas)]
+
+
+def test_split_is_stratified_and_seeded():
+    rng = np.random.default_rng(1)
+    groups = rng.choice(4, size=4000, p=[0.32, 0.48, 0.16, 0.04])
+    records = _records([(g, f"{i:064x}") for i, g in enumerate(groups)])
+    splits = np.asarray(assign_splits(records, seed=3))
+    assert assign_splits(records, seed=3) == splits.tolist()
+    assert assign_splits(records, seed=4) != splits.tolist()
+    for g in range(4):
+        in_group = splits[groups == g]
+        shares = {s: np.mean(in_group == s) for s in ("train", "val", "test")}
+        assert abs(shares["train"] - 0.70) < 0.01, (g, shares)
+        assert abs(shares["val"] - 0.15) < 0.01, (g, shares)
+        assert abs(shares["test"] - 0.15) < 0.01, (g, shares)
+
+
+def test_identical_files_share_a_split():
+    rng = np.random.default_rng(0)
+    rows = [(int(rng.integers(4)), f"{i:064x}") for i in range(600)]
+    # 100 duplicate groups of 2-4 copies, some labelled with different groups, as in UTKFace.
+    for d in range(100):
+        sha = f"dup{d:061d}"
+        for copy in range(2 + d % 3):
+            rows.append(((d + copy) % 4, sha))
+    records = _records(rows)
+    for seed in range(5):
+        splits = assign_splits(records, seed)
+        by_sha = {}
+        for rec, split in zip(records, splits):
+            by_sha.setdefault(rec.sha256, set()).add(split)
+        assert all(len(s) == 1 for s in by_sha.values())
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "utkface_exact_duplicates.tsv").exists(), reason="UTKFace not in ../shared")
+def test_real_utkface_duplicates_never_cross_splits():
+    records, skipped = scan(REAL_IMAGES)
+    assert len(records) == 23708 and skipped == []
+    assert Counter(r.group for r in records) == {0: 7637, 1: 11463, 2: 3757, 3: 851}
+    split_of = dict(zip((r.path for r in records), assign_splits(records, seed=0)))
+    lines = (SHARED / "data" / "utkface_exact_duplicates.tsv").read_text().splitlines()[1:]
+    assert len(lines) == 375
+    for line in lines:
+        files = line.split("\t")[1].split("|")
+        assert len({split_of[f] for f in files}) == 1, files
+
+
+def test_split_file_round_trip(tmp_path):
+    csv_path = tmp_path / "split.csv"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "split"])
+        writer.writerows([["part1/a.jpg", "train"], ["b.jpg", "test"]])
+    mapping = read_split_file(csv_path)
+    assert apply_split_file(["part1/a.jpg", "part9/b.jpg", "c.jpg"], mapping) == ["train", "test", ""]
+
+
+def test_split_file_errors_name_the_problem(tmp_path):
+    bad_columns = tmp_path / "cols.csv"
+    bad_columns.write_text("name,fold\na.jpg,1\n")
+    with pytest.raises(ValueError, match="file,split"):
+        read_split_file(bad_columns)
+    bad_split = tmp_path / "split.csv"
+    bad_split.write_text("file,split\na.jpg,train\nb.jpg,holdout\n")
+    with pytest.raises(ValueError, match="line 3.*holdout"):
+        read_split_file(bad_split)

@@ -1,0 +1,273 @@
+"""The featurize job end to end: HDF5 layout, bad inputs, resume after a kill, shards + merge."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import REAL_IMAGES, REPO, real_data_reason, write_utk_folder
+from imagefactory import (asymmetric_rgb, write_empty, write_exif_rotated_jpeg, write_garbage, write_jpeg,
+                          write_png, write_truncated_jpeg)
+
+from pipeline.backbones import create_backbone
+from pipeline.cli.featurize import main as featurize_cli
+from pipeline.decode import make_decoder
+from pipeline.extract import shard_from_env
+from pipeline.store import read_features, read_meta, read_settings
+
+def featurize(*args) -> str:
+    result = CliRunner().invoke(featurize_cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_hdf5_layout(utk_folder, tmp_path, calibrated_mobilenet):
+    out = tmp_path / "f.h5"
+    output = featurize(utk_folder, "-o", out, "--backbones", "mobilenet_v2,efficientnet_b0",
+                       "--weights", f"mobilenet_v2={calibrated_mobilenet},efficientnet_b0=none",
+                       "--batch-size", "5", "--quiet", "--decoder", "torch")
+    assert "wrote" in output and "12 images" in output
+
+    with h5py.File(out, "r") as h5:
+        for name, width, stages in (("mobilenet_v2", 1280, 488), ("efficientnet_b0", 1280, 512)):
+            assert h5[f"features/{name}"].shape == (12, 2, width)
+            assert h5[f"stages/{name}"].shape == (12, 2, stages)
+            assert h5[f"features/{name}"].dtype == np.float16
+            assert h5[f"features/{name}"].chunks is not None
+        assert set(h5["meta"]) == {"path", "age", "gender", "race", "group", "split", "sha256"}
+        settings = json.loads(h5.attrs["settings"])
+        assert settings["backbones"] == ["mobilenet_v2", "efficientnet_b0"]
+        assert settings["weights"]["efficientnet_b0"] == "none"
+        assert settings["weights"]["mobilenet_v2"].startswith("file:mobilenet_v2_calibrated.pth:sha256=")
+        assert settings["preprocessing"]["size"] == 224 and settings["group_edges"] == [25, 50, 75, 116]
+        assert "torch" in json.loads(h5.attrs["versions"]) and h5.attrs["created"]
+        assert len(h5["skipped/path"]) == 0
+
+    meta = read_meta(out)
+    assert sorted(meta["age"].tolist()) == [3, 12, 20, 25, 26, 33, 47, 51, 60, 75, 80, 101]
+    assert meta["group"].tolist() == [int(a > 25) + int(a > 50) + int(a > 75) for a in meta["age"]]
+    assert set(meta["split"]) <= {"train", "val", "test"}
+
+    # The stored rows are the backbone's features of that very file, plain and mirrored.
+    model = create_backbone("mobilenet_v2", str(calibrated_mobilenet))
+    views = make_decoder("torch", "cpu").decode([utk_folder / p for p in meta["path"][:3]]).views
+    with torch.inference_mode():
+        pooled, stages = model(views.flatten(0, 1))
+    stored = read_features(out, "mobilenet_v2")[:3]
+    expected = pooled.reshape(3, 2, -1).numpy()
+    np.testing.assert_allclose(stored, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+    assert not np.allclose(stored[:, 0], stored[:, 1])  # the mirror is a different view
+    np.testing.assert_allclose(read_features(out, "mobilenet_v2", "stages")[:3], stages.reshape(3, 2, -1).numpy(),
+                               rtol=2e-3, atol=2e-3 * stages.abs().max().item())
+
+
+def test_h5ls_reads_the_file(utk_folder, tmp_path, fast):
+    if shutil.which("h5ls") is None:
+        pytest.skip("h5ls (hdf5-tools) is not installed")
+    out = tmp_path / "f.h5"
+    featurize(utk_folder, "-o", out, *fast, "--limit", "3")
+    listing = subprocess.run(["h5ls", "-r", str(out)], capture_output=True, text=True, check=True).stdout
+    assert "/features/mobilenet_v2" in listing and "{3, 2, 1280}" in listing
+
+
+def test_float32_option(utk_folder, tmp_path, fast):
+    out = tmp_path / "f32.h5"
+    featurize(utk_folder, "-o", out, *fast, "--dtype", "float32", "--limit", "2")
+    with h5py.File(out, "r") as h5:
+        assert h5["features/mobilenet_v2"].dtype == np.float32
+
+
+@pytest.mark.parametrize("decoder", ["torch", "dali"])
+def test_bad_inputs_are_skipped_with_reasons(tmp_path, decoder, fast):
+    if decoder == "dali":
+        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    folder = tmp_path / "mixed"
+    good = write_utk_folder(folder, [10, 30, 60, 90])
+    write_jpeg(folder / "40_0_1_20170109000000101.jpg.chip.jpg", asymmetric_rgb(), mode="L")      # grayscale
+    write_jpeg(folder / "41_0_1_20170109000000102.jpg.chip.jpg", asymmetric_rgb(), mode="CMYK")   # CMYK
+    write_png(folder / "42_0_1_20170109000000103.png", asymmetric_rgb(), mode="RGBA")              # PNG
+    write_exif_rotated_jpeg(folder / "43_0_1_20170109000000104.jpg.chip.jpg", asymmetric_rgb(), 6)
+    write_truncated_jpeg(folder / "44_0_1_20170109000000105.jpg.chip.jpg", asymmetric_rgb())
+    write_garbage(folder / "45_0_1_20170109000000106.jpg.chip.jpg")
+    write_empty(folder / "46_0_1_20170109000000107.jpg.chip.jpg")
+    write_jpeg(folder / "portrait_of_grandma.jpg", asymmetric_rgb())                               # bad name
+    out = tmp_path / "f.h5"
+    output = featurize(folder, "-o", out, *fast, "--decoder", decoder, "--batch-size", "4")
+
+    meta = read_meta(out)
+    assert sorted(meta["age"].tolist()) == [10, 30, 40, 41, 42, 43, 60, 90]
+    with h5py.File(out, "r") as h5:
+        skipped = dict(zip(h5["skipped/path"].asstr()[()], h5["skipped/reason"].asstr()[()]))
+    assert set(skipped) == {"44_0_1_20170109000000105.jpg.chip.jpg", "45_0_1_20170109000000106.jpg.chip.jpg",
+                            "46_0_1_20170109000000107.jpg.chip.jpg", "portrait_of_grandma.jpg"}
+    assert "truncated" in skipped["44_0_1_20170109000000105.jpg.chip.jpg"]
+    assert "empty" in skipped["46_0_1_20170109000000107.jpg.chip.jpg"]
+    assert skipped["portrait_of_grandma.jpg"].startswith("bad name")
+    assert "skipped 4" in output and "portrait_of_grandma.jpg" in output
+
+    # The good images in a batch with bad ones get the same features as alone.
+    alone = tmp_path / "alone.h5"
+    featurize(good[0].parent, "-o", alone, *fast, "--decoder", decoder, "--limit", "1")
+    first = list(meta["path"]).index(good[0].name)
+    np.testing.assert_allclose(read_features(out, "mobilenet_v2")[first], read_features(alone, "mobilenet_v2")[0],
+                               rtol=2e-3, atol=1e-3)
+
+
+def test_finished_job_is_not_redone_and_other_settings_are_refused(utk_folder, tmp_path, fast):
+    out = tmp_path / "f.h5"
+    featurize(utk_folder, "-o", out, *fast, "--limit", "4")
+    before = out.stat().st_mtime_ns
+    assert "nothing to do" in featurize(utk_folder, "-o", out, *fast, "--limit", "4")
+    assert out.stat().st_mtime_ns == before
+
+    result = CliRunner().invoke(featurize_cli, [str(utk_folder), "-o", str(out), *fast, "--limit", "4",
+                                                "--bins", "30,60"])
+    assert result.exit_code != 0
+    assert "already exists with other settings" in result.output and "group_edges" in result.output
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, str(REPO / "featurize.py"), *[str(a) for a in args]]
+
+
+def _wait_for_parts(parts: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if len(list(parts.glob("rows-*.npz"))) >= 2:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"featurize ended before it could be interrupted:\n{proc.stdout.read()}")
+        time.sleep(0.02)
+    pytest.fail("no batch was finished in time")
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_run_resumes_to_the_same_file(tmp_path, how, fast):
+    folder = tmp_path / "utk"
+    write_utk_folder(folder, [(7 * i) % 117 for i in range(30)])
+    args = [folder, *fast, "--batch-size", "2", "--decoder", "torch"]
+    out = tmp_path / "resumed.h5"
+
+    proc = subprocess.Popen(_cli(*args, "-o", out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=tmp_path)
+    _wait_for_parts(Path(str(out) + ".parts"), proc)
+    proc.send_signal(how)
+    output = proc.communicate(timeout=60)[0]
+    if how == signal.SIGINT:
+        assert proc.returncode == 130 and "rerun the same command to resume" in output
+    assert not out.exists()
+    assert not list(tmp_path.glob("*.tmp"))
+
+    resumed = subprocess.run(_cli(*args, "-o", out), capture_output=True, text=True, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming:" in resumed.stdout
+    assert not Path(str(out) + ".parts").exists()
+
+    straight = tmp_path / "straight.h5"
+    featurize(*args, "-o", straight)
+    np.testing.assert_array_equal(read_features(out, "mobilenet_v2"), read_features(straight, "mobilenet_v2"))
+    np.testing.assert_array_equal(read_features(out, "mobilenet_v2", "stages"),
+                                  read_features(straight, "mobilenet_v2", "stages"))
+    for column, values in read_meta(out).items():
+        np.testing.assert_array_equal(values, read_meta(straight)[column])
+    assert read_settings(out) == read_settings(straight)
+
+
+def test_resume_with_other_settings_is_refused(utk_folder, tmp_path, fast):
+    out = tmp_path / "f.h5"
+    parts = Path(str(out) + ".parts")
+    parts.mkdir()
+    (parts / "settings.json").write_text(json.dumps({"backbones": ["resnet50"]}))
+    result = CliRunner().invoke(featurize_cli, [str(utk_folder), "-o", str(out), *fast])
+    assert result.exit_code != 0 and "unfinished job with other settings" in result.output
+
+
+def test_two_shards_merge_to_a_single_run(utk_folder, tmp_path, monkeypatch, fast):
+    single = tmp_path / "single.h5"
+    featurize(utk_folder, "-o", single, *fast, "--batch-size", "4")
+
+    out = tmp_path / "sharded.h5"
+    featurize(utk_folder, "-o", out, *fast, "--batch-size", "4", "--shard", "0/2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    featurize(utk_folder, "-o", out, *fast, "--batch-size", "4")  # shard 1/2 from the SLURM variables
+    shards = sorted(tmp_path.glob("sharded.shard-*-of-2.h5"))
+    assert [p.name for p in shards] == ["sharded.shard-0-of-2.h5", "sharded.shard-1-of-2.h5"]
+    assert len(read_meta(shards[0])["path"]) == 6
+
+    merged = tmp_path / "merged.h5"
+    result = CliRunner().invoke(featurize_cli, ["merge", *map(str, shards), "-o", str(merged)])
+    assert result.exit_code == 0, result.output
+    assert read_settings(merged) == read_settings(single)
+    for column, values in read_meta(single).items():
+        np.testing.assert_array_equal(read_meta(merged)[column], values)
+    for kind in ("last", "stages"):
+        a, b = read_features(merged, "mobilenet_v2", kind), read_features(single, "mobilenet_v2", kind)
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3 * np.abs(b).max())
+
+    incomplete = CliRunner().invoke(featurize_cli, ["merge", str(shards[0]), "-o", str(tmp_path / "x.h5")])
+    assert incomplete.exit_code != 0 and "missing [1]" in incomplete.output
+
+
+def test_shard_from_environment():
+    assert shard_from_env({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"}) == (3, 4)
+    assert shard_from_env({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "4",
+                           "SLURM_ARRAY_TASK_MIN": "1"}) == (3, 4)
+    assert shard_from_env({"RANK": "1", "WORLD_SIZE": "8"}) == (1, 8)
+    assert shard_from_env({}) is None
+
+
+def test_readable_errors(tmp_path, fast):
+    runner = CliRunner()
+    missing = runner.invoke(featurize_cli, [str(tmp_path / "nowhere"), "-o", str(tmp_path / "f.h5"), *fast])
+    assert missing.exit_code != 0 and "does not exist" in missing.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    none_found = runner.invoke(featurize_cli, [str(empty), "-o", str(tmp_path / "f.h5"), *fast])
+    assert none_found.exit_code != 0 and "no UTKFace images found" in none_found.output
+    bad_shard = runner.invoke(featurize_cli, [str(empty), "--shard", "2/2", *fast])
+    assert bad_shard.exit_code != 0 and "0 <= i < n" in bad_shard.output
+
+
+def test_default_data_is_the_shipped_sample(tmp_path):
+    sample = REPO / "sample" / "utkface"
+    files = list(sample.glob("*.jpg"))
+    assert 0 < len(files) <= 100 and (REPO / "sample" / "NOTICE.md").exists()
+    from pipeline.cli.featurize import SAMPLE_DIR
+
+    assert SAMPLE_DIR == sample
+
+
+@pytest.mark.skipif(real_data_reason() is not None, reason=str(real_data_reason()))
+def test_real_weights_features_classify_age_groups(tmp_path):
+    """About 200 real faces with the real weights: a linear probe beats the majority class clearly."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for path in sorted(REAL_IMAGES.iterdir())[::118][:200]:  # spread over all ages
+        (folder / path.name).symlink_to(path)
+    out = tmp_path / "real.h5"
+    featurize(folder, "-o", out, "--quiet", "--batch-size", "32")
+    meta = read_meta(out)
+    groups = meta["group"]
+    majority = np.bincount(groups).max() / len(groups)
+    for name in ("mobilenet_v2", "resnet50", "efficientnet_b0"):
+        features = read_features(out, name)[:, 0]
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000))
+        accuracy = cross_val_score(probe, features, groups, cv=5).mean()
+        assert accuracy > majority + 0.10, (name, accuracy, majority)
