@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .backbones import create_backbone, get_spec, resolve_weights_id
+from .backbones import create_backbone, fuse_conv_bn, get_spec, resolve_weights_id
 from .constants import DEFAULT_GROUP_EDGES, IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
 from .dataset import apply_split_file, assign_splits, read_split_file, scan, sha256_of, split_counts
 from .store import PartsFolder, SettingsMismatch, assemble, describe_mismatch, fingerprint
@@ -168,16 +168,17 @@ def resolve_device(device: str) -> torch.device:
 class BackboneRunner:
     """Runs the frozen backbones on a batch of views, the fastest measured way per device.
 
-    channels_last is 1.3-1.9x faster than contiguous on this 2-core CPU and on
-    GPUs, and gives the same features up to float rounding. Autocast (float16)
-    is used on the GPU only: on the CPU it would change features beyond rounding.
+    Measured on the 2-core CPU: channels_last is 1.3-1.9x faster than the
+    default layout, and folding BatchNorm into the convs another 1.1-1.7x; both
+    give the same features up to float rounding. Autocast (float16) is used on
+    the GPU only: on the CPU it would change features beyond rounding.
     """
 
     def __init__(self, names, weights, device: torch.device):
         self.device = device
         self.models = {}
         for name in names:
-            model = create_backbone(name, weights.get(name)).to(device)
+            model = fuse_conv_bn(create_backbone(name, weights.get(name))).to(device)
             self.models[name] = model.to(memory_format=torch.channels_last)
 
     @torch.inference_mode()

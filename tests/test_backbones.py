@@ -9,7 +9,7 @@ import torch
 import torchvision
 from conftest import real_data_reason
 
-from pipeline.backbones import REGISTRY, WeightsUnavailable, create_backbone, parse_backbones
+from pipeline.backbones import REGISTRY, WeightsUnavailable, create_backbone, fuse_conv_bn, parse_backbones
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))
@@ -69,6 +69,25 @@ def test_channels_last_changes_features_only_by_float_rounding():
         fast = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
     for a, b in zip(plain, fast):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet50"])
+def test_folding_batchnorm_changes_features_only_by_float_rounding(name):
+    model = create_backbone(name, None)
+    # Give BatchNorm non-trivial statistics, or folding would be an identity.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        reference = model(x)
+        fused = fuse_conv_bn(model)(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    for a, b in zip(reference, fused):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
 
 
 def test_parse_backbones():
