@@ -1,0 +1,219 @@
+"""`train_head`: train the paper's head (or a sweep of recipes) on cached features.
+
+    train_head FEATURES.h5 --backbones NAME[,NAME...] -o OUT [--split-file CSV] [recipe options]
+
+List-valued options (--lr 1e-3,3e-4 --dropout 0.3,0.5 --seed 0,1,2 ...) train
+every combination, stacked into one batched computation where shapes allow.
+Writes OUT/head.safetensors + OUT/head.json (the head with the best validation
+accuracy) and OUT/results.csv (every configuration, best first); with
+--save-all also OUT/runs/NNN/ for every configuration.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import click
+
+
+def _split_list(text: str, convert, name: str) -> list:
+    try:
+        values = [convert(t.strip()) for t in str(text).split(",") if t.strip()]
+    except ValueError as err:
+        raise click.BadParameter(f"{text!r}: {err}", param_hint=name) from None
+    if not values:
+        raise click.BadParameter("needs at least one value", param_hint=name)
+    return list(dict.fromkeys(values))  # repeated values would train the same head twice
+
+
+def _on_off(token: str) -> bool:
+    lowered = token.lower()
+    if lowered in ("on", "yes", "true", "1"):
+        return True
+    if lowered in ("off", "no", "false", "0"):
+        return False
+    raise ValueError(f"{token!r} is not on/off")
+
+
+def _choice(options):
+    def convert(token):
+        if token not in options:
+            raise ValueError(f"{token!r} is not one of {', '.join(options)}")
+        return token
+    return convert
+
+
+def _hidden(texts: tuple[str, ...]) -> list[tuple[int, ...]]:
+    sizes = []
+    for text in texts or ("512,256",):
+        try:
+            shape = tuple(int(t) for t in text.replace("x", ",").split(",") if t.strip())
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is not comma-separated layer widths", param_hint="--hidden") from None
+        if not shape or min(shape) < 1:
+            raise click.BadParameter(f"{text!r} needs positive widths", param_hint="--hidden")
+        sizes.append(shape)
+    return list(dict.fromkeys(sizes))
+
+
+def _format_table(rows: list[dict], columns: list[str], limit: int | None = None) -> str:
+    shown = rows[:limit] if limit else rows
+    cells = [[_fmt(r.get(c)) for c in columns] for r in shown]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    if limit and len(rows) > limit:
+        lines.append(f"... {len(rows) - limit} more in results.csv")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("features_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--backbones", required=True,
+              help="Backbone(s) whose features feed the head, comma-separated; several are concatenated (fusion).")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: head.safetensors + head.json (best head), results.csv.")
+@click.option("--features", "feature_kind", type=click.Choice(["last", "stages", "both"]), default="last",
+              show_default=True, help="Final pooled features (the paper's), earlier stages' pooled features, or both.")
+@click.option("--split-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="CSV with columns file,split overriding the feature file's split (unlisted rows are unused).")
+@click.option("--target", type=click.Choice(["group", "age"]), default="group", show_default=True,
+              help="group: the paper's 4-way classifier. age: regress years; groups derived, MAE reported.")
+@click.option("--lr", default="1e-3", show_default=True, help="Adam learning rate(s).")
+@click.option("--epochs", default="10", show_default=True, help="Epochs; the best validation epoch is kept.")
+@click.option("--batch-size", default="32", show_default=True)
+@click.option("--dropout", default="0.3", show_default=True)
+@click.option("--hidden", multiple=True,
+              help="Hidden widths, e.g. 512,256 (default, the paper's). Repeat the option to sweep.")
+@click.option("--weight-decay", default="0", show_default=True, help="Decoupled weight decay (AdamW) when > 0.")
+@click.option("--schedule", default="constant", show_default=True, help="constant and/or cosine (per step, to 0).")
+@click.option("--label-smoothing", default="0", show_default=True)
+@click.option("--class-weights", default="off", show_default=True,
+              help="on: weight the loss by n / (C * count) of each group in the training split.")
+@click.option("--standardize", default="off", show_default=True,
+              help="on: z-score features with training-split statistics (kept inside the head).")
+@click.option("--flip", default="on", show_default=True,
+              help="on: each epoch, each image uses its plain or mirrored feature with p=0.5.")
+@click.option("--seed", default="0", show_default=True)
+@click.option("--keep", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="Which epoch's weights to keep: best validation accuracy (the paper's) or the last.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--max-stack", type=click.IntRange(1), default=16, show_default=True,
+              help="Heads trained together in one stacked computation (memory grows with it).")
+@click.option("--threads", default="auto", show_default=True,
+              help="CPU threads: a number, or auto (whichever of 1 and torch's default is faster right now).")
+@click.option("--save-all", is_flag=True, help="Also save every configuration's head under OUT/runs/NNN/.")
+@click.option("--quiet", is_flag=True, help="Print only the results table.")
+def main(features_file, backbones, out, feature_kind, split_file, target, lr, epochs, batch_size, dropout, hidden,
+         weight_decay, schedule, label_smoothing, class_weights, standardize, flip, seed, keep, device, max_stack,
+         threads, save_all, quiet):
+    """Train age-group heads on FEATURES_FILE (made by featurize), in seconds, from the cache.
+
+    Defaults are the paper's recipe. Comma-separated values in the recipe options
+    (--lr 1e-3,3e-4 --dropout 0.3,0.5 --seed 0,1,2 ...) train every combination.
+    """
+    import torch
+
+    from ..backbones import parse_backbones
+    from ..heads import HeadData, load_training_data, save_checkpoint
+    from ..sweep import HeadConfig, expand_grid, result_meta, thread_plan, train_heads
+
+    if threads != "auto" and (not threads.isdigit() or int(threads) < 1):
+        raise click.BadParameter(f"{threads!r} is not a positive number or auto", param_hint="--threads")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise click.ClickException("--device cuda: no CUDA device is available")
+    try:
+        names = list(parse_backbones(backbones))
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--backbones") from None
+
+    grid = dict(
+        lr=_split_list(lr, float, "--lr"),
+        epochs=_split_list(epochs, int, "--epochs"),
+        batch_size=_split_list(batch_size, int, "--batch-size"),
+        dropout=_split_list(dropout, float, "--dropout"),
+        hidden=_hidden(hidden),
+        weight_decay=_split_list(weight_decay, float, "--weight-decay"),
+        schedule=_split_list(schedule, _choice(("constant", "cosine")), "--schedule"),
+        label_smoothing=_split_list(label_smoothing, float, "--label-smoothing"),
+        class_weights=_split_list(class_weights, _on_off, "--class-weights"),
+        standardize=_split_list(standardize, _on_off, "--standardize"),
+        flip=_split_list(flip, _on_off, "--flip"),
+        seed=_split_list(seed, int, "--seed"),
+    )
+    try:
+        configs = expand_grid(HeadConfig(target=target), **grid)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+
+    started = time.perf_counter()
+    try:
+        loaded = load_training_data(features_file, names, feature_kind, split_file)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    data: HeadData = loaded.data.to(device)
+    workers, intra = thread_plan(data, configs, threads if threads == "auto" else int(threads))
+    if not quiet:
+        counts = ", ".join(f"{k} {v}" for k, v in loaded.counts.items())
+        click.echo(f"{features_file}: {'+'.join(names)} {feature_kind} features, D={data.dim}; rows: {counts} "
+                   f"(split from {split_file or 'the feature file'}); loaded in {time.perf_counter() - started:.1f} s")
+        on = device if device != "cpu" else (f"cpu, {workers} worker threads" if workers > 1
+                                               else f"cpu, {intra or torch.get_num_threads()} thread(s)")
+        click.echo(f"training {len(configs)} configuration(s) on {on}")
+
+    started = time.perf_counter()
+    results = train_heads(data, configs, max_stack=max_stack, keep=keep,
+                          threads=workers if workers > 1 else intra)
+    elapsed = time.perf_counter() - started
+
+    def rank_key(i):  # best validation accuracy first; lower validation loss breaks ties
+        best = results[i].history[results[i].best_epoch - 1]
+        return (-best["val_acc"], best["val_loss"])
+
+    order = sorted(range(len(results)), key=rank_key)
+    rows = []
+    for rank, i in enumerate(order, start=1):
+        rows.append({"rank": rank, "config": i, **results[i].row()})
+    out.mkdir(parents=True, exist_ok=True)
+    best = results[order[0]]
+    save_checkpoint(out, best.to_head(loaded.group_edges),
+                    result_meta(loaded, best, split_file, rank=1, n_configs=len(configs)))
+    if save_all:
+        for rank, i in enumerate(order, start=1):
+            save_checkpoint(out / "runs" / f"{i:03d}", results[i].to_head(loaded.group_edges),
+                            result_meta(loaded, results[i], split_file, rank=rank, n_configs=len(configs)))
+    columns = list(rows[0])
+    with (out / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    varying = [k for k, values in grid.items() if len(values) > 1]
+    shown = ["rank", *varying, "best_epoch", "train_acc", "val_acc", "val_loss"]
+    shown += [c for c in ("val_mae", "test_acc", "test_mae") if c in columns]
+    if not quiet and len(configs) == 1:
+        click.echo(_format_table(best.history, list(best.history[0])))
+        click.echo(f"kept epoch {best.best_epoch} (best validation accuracy)")
+    click.echo(_format_table(rows, shown, limit=None if len(rows) <= 40 else 40))
+    if not quiet:
+        rate = len(configs) / elapsed if elapsed > 0 else float("inf")
+        click.echo(f"trained {len(configs)} head(s) in {elapsed:.1f} s ({rate:.2f}/s); "
+                   f"best head -> {out}/head.safetensors + head.json; table -> {out}/results.csv")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,425 @@
+"""Heads on cached features: the MLP module, its safe checkpoint, compatibility checks, feature loading.
+
+(Training lives in sweep.py; this module is what every later stage needs to use a head.)
+
+The head is the paper's MLP: Linear(D,512) ReLU Dropout(0.3) Linear(512,256)
+ReLU Dropout(0.3) Linear(256,C), with optional feature standardization kept
+inside as buffers, so `head(features)` takes the raw float32 features exactly
+as the feature file stores them (`assemble_features` builds the same layout
+from live backbone outputs).
+
+Two targets:
+  'group'  the paper's: C logits, cross-entropy.
+  'age'    one output, the age in years (regression). Group scores are derived
+           from it as an adjacent-categories ordinal model: log p(k)/p(k-1) =
+           (age - t_k) / T, with t_k the midpoint between groups k-1 and k and
+           T a temperature fitted on the validation split. So the argmax of the
+           scores is exactly the group the predicted age falls in, softmax gives
+           probabilities, and every score is differentiable (Grad-CAM works).
+
+Checkpoint: a directory holding two files, neither of them a pickle:
+  head.safetensors  the head's state dict (tensors only; safetensors cannot run code)
+  head.json         meta: format, backbones (concatenation order), weights
+                    ({backbone: id}), feature_kind, group_edges, class_names,
+                    target, feature_fingerprint (the feature file's settings
+                    fingerprint), rows_fingerprint (hash of the rows and splits
+                    used), preprocessing, feature_dim, hidden, config (the
+                    training recipe), history (per-epoch train/val loss and
+                    accuracy, plus MAE for age heads), best_epoch, metrics.
+`load_checkpoint` takes the directory or either file of the pair.
+
+Features: `load_features` / `load_head_inputs` read [N, 2, D_total] (view 0
+plain, view 1 mirrored; backbones concatenated in order) from a feature file;
+`assemble_features` builds the same layout from live backbone outputs;
+`load_training_data` reads a file once into `HeadData` (train rows with both
+views, val/test plain), with an optional split file overriding the stored split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import store
+
+FORMAT = "utkface-age-head/1"
+WEIGHTS_FILE = "head.safetensors"
+META_FILE = "head.json"
+FEATURE_KINDS = ("last", "stages", "both")
+TARGETS = ("group", "age")
+
+
+class HeadMismatch(ValueError):
+    """A head was asked to score features it was not trained on."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged, or not in the safe format."""
+
+
+# --------------------------------------------------------------------------- the module
+
+
+class AgeHead(nn.Module):
+    """Standardize (buffers) -> MLP -> group scores [B, C].
+
+    `mlp` holds only the Linear/ReLU/Dropout layers, so its parameters are
+    exactly the paper's head; standardization and the age-to-group mapping are
+    buffers.
+    """
+
+    def __init__(self, in_dim: int, hidden=(512, 256), dropout: float = 0.3, group_edges=(25, 50, 75, 116),
+                 target: str = "group"):
+        super().__init__()
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, not {target!r}")
+        self.target = target
+        self.in_dim = int(in_dim)
+        self.hidden = tuple(int(h) for h in hidden)
+        self.n_classes = len(group_edges)
+        layers: list[nn.Module] = []
+        width = self.in_dim
+        for h in self.hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
+            width = h
+        layers.append(nn.Linear(width, self.n_classes if target == "group" else 1))
+        self.mlp = nn.Sequential(*layers)
+        self.register_buffer("feature_mean", torch.zeros(self.in_dim))
+        self.register_buffer("feature_std", torch.ones(self.in_dim))
+        if target == "age":
+            # Output is standardized age: years = out * age_scale + age_shift.
+            self.register_buffer("age_shift", torch.zeros(()))
+            self.register_buffer("age_scale", torch.ones(()))
+            # Threshold between group k-1 and k: halfway between the edge and the next year.
+            edges = torch.tensor([float(e) for e in group_edges[:-1]])
+            self.register_buffer("thresholds", edges + 0.5)
+            self.register_buffer("temperature", torch.tensor(4.0))
+
+    def _check_width(self, features: torch.Tensor) -> None:
+        if features.dim() != 2 or features.shape[1] != self.in_dim:
+            raise HeadMismatch(f"head expects features [B, {self.in_dim}], got {list(features.shape)}")
+
+    def raw(self, features: torch.Tensor) -> torch.Tensor:
+        """The MLP's output: logits for 'group' heads, standardized age [B, 1] for 'age' heads."""
+        self._check_width(features)
+        x = (features - self.feature_mean) / self.feature_std
+        return self.mlp(x)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        out = self.raw(features)
+        if self.target == "group":
+            return out
+        return self.age_to_scores(out[:, 0] * self.age_scale + self.age_shift)
+
+    def predict_age(self, features: torch.Tensor) -> torch.Tensor | None:
+        if self.target != "age":
+            return None
+        return self.raw(features)[:, 0] * self.age_scale + self.age_shift
+
+    def age_to_scores(self, age: torch.Tensor) -> torch.Tensor:
+        return ordinal_scores(age, self.thresholds, self.temperature)
+
+
+def ordinal_scores(age: torch.Tensor, thresholds: torch.Tensor, temperature) -> torch.Tensor:
+    """Adjacent-categories scores [B, C] from ages [B] (see module docstring).
+
+    score_k = sum_{j<k} (age - t_j) / T, centred over k (centring changes no
+    softmax or argmax, but gives every class a non-zero gradient).
+    """
+    steps = (age.unsqueeze(-1) - thresholds) / temperature
+    scores = torch.cat([torch.zeros_like(steps[..., :1]), torch.cumsum(steps, dim=-1)], dim=-1)
+    return scores - scores.mean(dim=-1, keepdim=True)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+@dataclass
+class HeadCheckpoint:
+    head: AgeHead          # eval mode; forward(raw features [B, D]) -> group scores [B, C]
+    meta: dict
+
+    def check_compatible(self, settings: dict) -> None:
+        """Raise HeadMismatch, naming every difference, unless features made with `settings` fit this head."""
+        check_compatible(self.meta, settings)
+
+    def predict_age(self, features: torch.Tensor) -> torch.Tensor | None:
+        """Predicted age in years for 'age' heads; None for group heads."""
+        if self.meta.get("target") != "age":
+            return None
+        with torch.no_grad():
+            return self.head.predict_age(features)
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.head(features)
+
+
+def check_compatible(meta: dict, settings: dict) -> None:
+    """Compare a head's meta with a feature file's settings (store.read_settings) or live settings."""
+    problems = []
+    have = list(settings.get("backbones", []))
+    missing = [b for b in meta["backbones"] if b not in have]
+    if missing:
+        problems.append(f"backbones: the head was trained on {', '.join(meta['backbones'])} features; "
+                        f"these features are from {', '.join(have) or 'no backbone'} (missing {', '.join(missing)})")
+    weights = settings.get("weights", {}) or {}
+    for name in meta["backbones"]:
+        if name in have and str(weights.get(name)) != str(meta["weights"].get(name)):
+            problems.append(f"weights of {name}: the head was trained on features from weights "
+                            f"{meta['weights'].get(name)!r}; these features come from {weights.get(name)!r}")
+    edges = [int(e) for e in settings.get("group_edges", [])]
+    if edges != [int(e) for e in meta["group_edges"]]:
+        problems.append(f"group_edges (bins): the head predicts groups {meta['group_edges']}; "
+                        f"these features are labelled with {edges}")
+    mine, theirs = meta.get("preprocessing"), settings.get("preprocessing")
+    if mine and theirs and mine != theirs:
+        problems.append(f"preprocessing: the head was trained on features made with {mine}; these use {theirs}")
+    if problems:
+        raise HeadMismatch("this head does not fit these features:\n  " + "\n  ".join(problems))
+
+
+def _checkpoint_paths(path) -> tuple[Path, Path]:
+    path = Path(path)
+    folder = path if path.is_dir() or path.suffix not in (".safetensors", ".json") else path.parent
+    return folder / WEIGHTS_FILE, folder / META_FILE
+
+
+def save_checkpoint(out, head: AgeHead, meta: dict) -> Path:
+    """Write OUT/head.safetensors + OUT/head.json (weights first, meta last, each atomically)."""
+    from safetensors.torch import save_file
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights_path, meta_path = folder / WEIGHTS_FILE, folder / META_FILE
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    tmp = weights_path.with_name(weights_path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"format": FORMAT})
+    tmp.replace(weights_path)
+    full = {"format": FORMAT, **meta}
+    tmp = meta_path.with_name(meta_path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(full), indent=1, sort_keys=True))
+    tmp.replace(meta_path)
+    return folder
+
+
+def load_checkpoint(path, device: str | torch.device = "cpu") -> HeadCheckpoint:
+    """Load a head safely: tensors via safetensors, meta via JSON; nothing is unpickled."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights_path, meta_path = _checkpoint_paths(path)
+    for p in (weights_path, meta_path):
+        if not p.is_file():
+            raise CheckpointError(f"{path} is not a head checkpoint: {p} is missing "
+                                  f"(a checkpoint is a folder with {WEIGHTS_FILE} and {META_FILE})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{meta_path} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path} is not a head checkpoint (format {FORMAT!r} expected)")
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights_path} is not a safetensors file ({err}); "
+                              f"pickled checkpoints are refused because loading them can run code") from err
+    head = AgeHead(meta["feature_dim"], meta["hidden"], 0.0, meta["group_edges"], meta["target"])
+    try:
+        head.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{weights_path} does not match the head described in {meta_path}: {err}") from err
+    head.eval().to(device)
+    for p in head.parameters():
+        p.requires_grad_(False)
+    return HeadCheckpoint(head, meta)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        v = float(value)
+        return v if math.isfinite(v) else None
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    return value
+
+
+# --------------------------------------------------------------------------- features
+
+
+def assemble_features(pooled: dict, backbones, kind: str) -> torch.Tensor:
+    """{name: (pooled [B, D], stages [B, S])} -> [B, D_total] in the training layout.
+
+    Per backbone in order: 'last' -> pooled, 'stages' -> stages, 'both' ->
+    cat(pooled, stages); then concatenated over backbones.
+    """
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"feature kind must be one of {FEATURE_KINDS}, not {kind!r}")
+    parts = []
+    for name in backbones:
+        last, stages = pooled[name]
+        parts += {"last": [last], "stages": [stages], "both": [last, stages]}[kind]
+    return torch.cat([p.float() for p in parts], dim=1)
+
+
+def load_features(feature_file, backbones, kind: str = "last") -> np.ndarray:
+    """[N, 2, D_total] float32 (view 0 plain, view 1 mirrored), backbones concatenated in order."""
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"--features must be one of {FEATURE_KINDS}, not {kind!r}")
+    arrays = [store.read_features(feature_file, name, kind) for name in backbones]
+    if len(arrays) == 1:
+        return arrays[0]
+    return np.concatenate(arrays, axis=2)
+
+
+def load_head_inputs(feature_file, meta: dict) -> torch.Tensor:
+    """The [N, 2, D_total] features a checkpoint's head takes, from a feature file; refuses misfits."""
+    check_compatible(meta, store.read_settings(feature_file))
+    features = load_features(feature_file, meta["backbones"], meta["feature_kind"])
+    if features.shape[2] != meta["feature_dim"]:
+        raise HeadMismatch(f"{feature_file} gives {features.shape[2]}-wide {meta['feature_kind']!r} features "
+                           f"for {', '.join(meta['backbones'])}; the head takes {meta['feature_dim']}")
+    return torch.from_numpy(features)
+
+
+@dataclass
+class HeadData:
+    """Features in memory once, split into the rows each stage needs (float32, on one device)."""
+    train: torch.Tensor          # [n_train, 2, D]  view 0 plain, 1 mirrored
+    train_group: torch.Tensor    # [n_train] int64
+    train_age: torch.Tensor      # [n_train] float32
+    val: torch.Tensor            # [n_val, D]  plain view
+    val_group: torch.Tensor
+    val_age: torch.Tensor
+    test: torch.Tensor | None = None
+    test_group: torch.Tensor | None = None
+    test_age: torch.Tensor | None = None
+    n_classes: int = 4
+    group_edges: tuple = (25, 50, 75, 116)
+    _standardized: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_arrays(cls, features: np.ndarray, groups, ages, splits, group_edges, device="cpu") -> "HeadData":
+        splits = np.asarray(splits, dtype=object)
+        groups, ages = np.asarray(groups), np.asarray(ages)
+        rows = {s: np.flatnonzero(splits == s) for s in ("train", "val", "test")}
+        for s in ("train", "val"):
+            if len(rows[s]) == 0:
+                raise ValueError(f"no {s} rows: the split assigns none (check --split-file)")
+
+        def pick(s, view=None):
+            block = features[rows[s]] if view is None else features[rows[s], view]
+            return torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(device)
+
+        def labels(s):
+            return (torch.from_numpy(groups[rows[s]].astype(np.int64)).to(device),
+                    torch.from_numpy(ages[rows[s]].astype(np.float32)).to(device))
+
+        has_test = len(rows["test"]) > 0
+        return cls(pick("train"), *labels("train"), pick("val", 0), *labels("val"),
+                   *((pick("test", 0), *labels("test")) if has_test else (None, None, None)),
+                   n_classes=len(group_edges), group_edges=tuple(int(e) for e in group_edges))
+
+    def to(self, device) -> "HeadData":
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()
+                 if not k.startswith("_")}
+        return HeadData(**moved)
+
+    @property
+    def dim(self) -> int:
+        return self.train.shape[2]
+
+    @property
+    def device(self):
+        return self.train.device
+
+    def standardization(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std per feature over the training rows, both views."""
+        if "stats" not in self._standardized:
+            flat = self.train.reshape(-1, self.dim).double()
+            mean, std = flat.mean(0), flat.std(0)
+            std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant features pass through
+            self._standardized["stats"] = (mean.float(), std.float())
+        return self._standardized["stats"]
+
+    def tables(self, standardize: bool):
+        """(train [n, 2, D], val, test) as the head's first layer sees them."""
+        if not standardize:
+            return self.train, self.val, self.test
+        if "tables" not in self._standardized:
+            mean, std = self.standardization()
+            z = lambda x: None if x is None else (x - mean) / std  # noqa: E731
+            self._standardized["tables"] = (z(self.train), z(self.val), z(self.test))
+        return self._standardized["tables"]
+
+    def class_weights(self) -> torch.Tensor:
+        counts = torch.bincount(self.train_group, minlength=self.n_classes).double()
+        weights = len(self.train_group) / (self.n_classes * counts.clamp_min(1))
+        return weights.float()
+
+
+@dataclass
+class TrainingSet:
+    """What train_head loaded from a feature file, with what a checkpoint must record about it."""
+    data: HeadData
+    feature_file: str
+    backbones: list
+    feature_kind: str
+    settings: dict
+    group_edges: list
+    counts: dict
+    rows_fingerprint: str
+
+
+def load_training_data(feature_file, backbones, kind: str = "last", split_file=None, device="cpu") -> TrainingSet:
+    """Read the features once and split them into train/val/test tensors (split file overrides the file's split)."""
+    settings = store.read_settings(feature_file)
+    missing = [b for b in backbones if b not in settings["backbones"]]
+    if missing:
+        raise ValueError(f"{feature_file} has no features for {', '.join(missing)}; "
+                         f"it has {', '.join(settings['backbones'])}")
+    meta = store.read_meta(feature_file)
+    splits = effective_splits(feature_file, split_file, meta)
+    features = load_features(feature_file, backbones, kind)
+    edges = [int(e) for e in settings["group_edges"]]
+    data = HeadData.from_arrays(features, meta["group"], meta["age"], splits, edges, device=device)
+    counts = {s: int((splits == s).sum()) for s in ("train", "val", "test")}
+    counts["unused"] = int(len(splits) - sum(counts.values()))
+    return TrainingSet(data, str(feature_file), list(backbones), kind, settings, edges, counts,
+                       rows_fingerprint(meta["path"], meta["age"], splits))
+
+
+def effective_splits(feature_file, split_file=None, meta: dict | None = None) -> np.ndarray:
+    """Each row's split: the feature file's, or the --split-file's where given ('' = unused)."""
+    meta = meta if meta is not None else store.read_meta(feature_file)
+    if split_file is None:
+        return np.asarray(meta["split"], dtype=object)
+    from .dataset import apply_split_file, read_split_file
+
+    return np.asarray(apply_split_file(list(meta["path"]), read_split_file(split_file)), dtype=object)
+
+
+def rows_fingerprint(paths, ages, splits) -> str:
+    """Short hash of which rows were used, with which labels and splits."""
+    digest = hashlib.sha256()
+    for p, a, s in zip(paths, ages, splits):
+        digest.update(f"{p}\t{int(a)}\t{s}\n".encode())
+    return digest.hexdigest()[:16]
+

@@ -1,0 +1,374 @@
+"""Evaluation numbers, and scoring a trained head on the cached features.
+
+The metric functions are pure: arrays in, a dict of plain Python numbers out
+(JSON-ready; a value that is undefined, such as the precision of a group that
+is never predicted, is None, never NaN). They use scikit-learn's definitions:
+
+- accuracy, balanced accuracy (mean per-group recall over the groups present
+  in y_true), macro-F1 (over the groups in y_true or y_pred);
+- per-group precision / recall / F1 / support;
+- off-by-one accuracy: share of rows with |predicted group - true group| <= 1,
+  which counts a neighbouring age group as right (groups are ordered);
+- expected calibration error (ECE) with 15 equal-width confidence bins:
+  confidence = the largest class probability; bin b holds the rows with
+  confidence in (b/15, (b+1)/15] (bin 0 also takes confidence 0);
+  ECE = sum over bins of (rows in bin / all rows) * |accuracy(bin) - mean confidence(bin)|;
+- MAE in years, for heads that regress age.
+
+The prediction is the argmax of the probabilities (the first group on a tie).
+With test-time augmentation (TTA) the probabilities of the plain and the
+mirrored view are averaged before anything is computed; both views are
+already in the feature file, so TTA costs one more head pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    mean_absolute_error,
+    precision_recall_fscore_support,
+)
+
+N_BINS = 15
+
+
+# --------------------------------------------------------------------------- pure metrics
+
+
+def _none_if_nan(x) -> float | None:
+    x = float(x)
+    return None if np.isnan(x) else x
+
+
+def predictions(y_prob) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted group, confidence) of each row of [N, C] probabilities."""
+    y_prob = np.asarray(y_prob, dtype=np.float64)
+    return y_prob.argmax(axis=1), y_prob.max(axis=1)
+
+
+def off_by_one_accuracy(y_true, y_pred) -> float:
+    """Share of rows whose predicted group is the true one or a neighbour."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    return float(np.mean(np.abs(y_pred.astype(np.int64) - y_true.astype(np.int64)) <= 1))
+
+
+def calibration_bins(y_true, y_prob, n_bins: int = N_BINS) -> dict:
+    """Per-bin row count, accuracy and mean confidence (None for empty bins), plus ECE.
+
+    Bins are equal-width on confidence: (b/n, (b+1)/n], bin 0 closed at 0.
+    """
+    y_true = np.asarray(y_true)
+    y_pred, conf = predictions(y_prob)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # right=True: a confidence exactly on an edge belongs to the bin below it.
+    which = np.digitize(conf, edges[1:-1], right=True)
+    correct = (y_pred == y_true).astype(np.float64)
+    count, accuracy, confidence = [], [], []
+    ece = 0.0
+    for b in range(n_bins):
+        inside = which == b
+        n = int(inside.sum())
+        count.append(n)
+        if n == 0:
+            accuracy.append(None)
+            confidence.append(None)
+            continue
+        acc_b, conf_b = float(correct[inside].mean()), float(conf[inside].mean())
+        accuracy.append(acc_b)
+        confidence.append(conf_b)
+        ece += n / len(y_true) * abs(acc_b - conf_b)
+    return {"edges": edges.tolist(), "count": count, "accuracy": accuracy, "confidence": confidence,
+            "ece": float(ece)}
+
+
+def expected_calibration_error(y_true, y_prob, n_bins: int = N_BINS) -> float:
+    return calibration_bins(y_true, y_prob, n_bins)["ece"]
+
+
+def classification_metrics(y_true, y_prob, class_names: list[str], n_bins: int = N_BINS) -> dict:
+    """Every group-level number for one set of predictions. y_prob: [N, C] probabilities."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_prob = np.asarray(y_prob, dtype=np.float64)
+    n_classes = len(class_names)
+    if y_prob.ndim != 2 or y_prob.shape[1] != n_classes:
+        raise ValueError(f"probabilities have shape {y_prob.shape}; expected [N, {n_classes}]")
+    if len(y_true) != len(y_prob):
+        raise ValueError(f"{len(y_true)} labels but {len(y_prob)} rows of probabilities")
+    if len(y_true) == 0:
+        raise ValueError("no rows to evaluate")
+    y_pred, _ = predictions(y_prob)
+    labels = list(range(n_classes))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=np.nan)
+    bins = calibration_bins(y_true, y_prob, n_bins)
+    return {
+        "n": int(len(y_true)),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "off_by_one": off_by_one_accuracy(y_true, y_pred),
+        "ece": bins["ece"],
+        "per_group": {
+            name: {"precision": _none_if_nan(precision[i]), "recall": _none_if_nan(recall[i]),
+                   "f1": _none_if_nan(f1[i]), "support": int(support[i])}
+            for i, name in enumerate(class_names)
+        },
+        "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "calibration": bins,
+    }
+
+
+def age_metrics(age_true, age_pred) -> dict:
+    """MAE in years (and the mean signed error, which shows a bias toward young or old)."""
+    age_true = np.asarray(age_true, dtype=np.float64)
+    age_pred = np.asarray(age_pred, dtype=np.float64)
+    return {"mae": float(mean_absolute_error(age_true, age_pred)),
+            "mean_error": float(np.mean(age_pred - age_true))}
+
+
+def combine_views(per_view, tta: bool) -> np.ndarray:
+    """[N, 2, ...] per-view values -> [N, ...]: the plain view, or with TTA the mean of both views."""
+    per_view = np.asarray(per_view)
+    if per_view.ndim < 2 or per_view.shape[1] != 2:
+        raise ValueError(f"expected [N, 2, ...] (plain, mirrored), got shape {per_view.shape}")
+    return per_view.mean(axis=1) if tta else per_view[:, 0]
+
+
+# --------------------------------------------------------------------------- scoring a checkpoint
+
+
+def head_outputs(checkpoint, inputs, batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray | None]:
+    """Run a head on [N, V, D] raw features -> (probabilities [N, V, C], ages [N, V] or None)."""
+    import torch
+
+    inputs = np.asarray(inputs, dtype=np.float32)
+    n, views, d = inputs.shape
+    flat = torch.from_numpy(inputs.reshape(n * views, d))
+    probs, ages = [], []
+    head = checkpoint.head.eval()
+    with torch.no_grad():
+        for lo in range(0, len(flat), batch_size):
+            chunk = flat[lo:lo + batch_size]
+            probs.append(torch.softmax(head(chunk).float(), dim=1).numpy())
+            age = checkpoint.predict_age(chunk)
+            if age is not None:
+                ages.append(age.float().reshape(-1).numpy())
+    prob = np.concatenate(probs).reshape(n, views, -1) if probs else np.zeros((0, views, 0), np.float32)
+    age = np.concatenate(ages).reshape(n, views) if ages else None
+    return prob, age
+
+
+class FeatureInputs:
+    """Head inputs from one feature file, shared by the checkpoints of one run.
+
+    Features are read once per (backbone, kind) and only the scored rows are kept.
+    """
+
+    def __init__(self, feature_file: Path):
+        from .store import read_meta, read_settings
+
+        self.path = Path(feature_file)
+        self.settings = read_settings(self.path)
+        self.meta = read_meta(self.path)
+        self._cache: dict[tuple, np.ndarray] = {}
+
+    def splits(self, split_file: Path | None = None) -> np.ndarray:
+        """Each row's split: the file's own, or the split file's ('' where it does not list the row)."""
+        from .heads import effective_splits
+
+        return effective_splits(self.path, split_file)
+
+    def rows(self, backbones: list[str], kind: str, rows: np.ndarray) -> np.ndarray:
+        """[len(rows), 2, D_total]: per backbone in order, its features of `kind`, concatenated.
+
+        The layout of heads.load_features, which training uses.
+        """
+        from .store import read_features
+
+        parts = []
+        for name in backbones:
+            key = (name, kind, rows.tobytes())
+            if key not in self._cache:
+                self._cache[key] = read_features(self.path, name, kind)[rows]
+            parts.append(self._cache[key])
+        return np.concatenate(parts, axis=2)
+
+
+def split_warnings(meta: dict, file_meta: dict, splits: np.ndarray, rows: np.ndarray, settings: dict) -> list[str]:
+    """Reasons to doubt that the scored rows are unseen by the head.
+
+    A checkpoint records rows_fingerprint, a hash of every row's path, age and
+    split at training time. The same hash over the splits used here tells
+    whether this evaluation uses the head's own split (then test rows are
+    unseen). If it does not, and the head was trained on this file's own split,
+    the scored rows that were in its train or val split are counted.
+    """
+    from .heads import rows_fingerprint
+
+    trained = meta.get("rows_fingerprint")
+    if trained is None:  # older or hand-made checkpoints: compare the feature files instead
+        fp = meta.get("feature_fingerprint")
+        if fp and fp != settings.get("fingerprint"):
+            return [f"the head was trained on feature file {fp}, this one is {settings.get('fingerprint')}: "
+                    f"if their splits differ, scored rows may be rows it trained on"]
+        return []
+    paths, ages = file_meta["path"], file_meta["age"]
+    ours = rows_fingerprint(paths, ages, splits)
+    if ours == trained:
+        return []
+    warnings = [f"the rows or splits differ from those the head was trained with (rows fingerprint {ours}, "
+                f"head {trained}): scored rows may be rows it trained on"]
+    if rows_fingerprint(paths, ages, file_meta["split"]) == trained:
+        used = file_meta["split"][rows]
+        n_train, n_val = int(np.sum(used == "train")), int(np.sum(used == "val"))
+        if n_train or n_val:
+            warnings.append(f"{n_train} of the {len(rows)} scored rows were in the head's train split "
+                            f"and {n_val} in its val split")
+    return warnings
+
+
+@dataclass
+class Evaluation:
+    """Everything evaluate reports for one checkpoint on one split."""
+    name: str
+    checkpoint_path: str
+    meta: dict
+    split: str
+    tta: bool
+    metrics: dict
+    paths: list = field(default_factory=list)      # per evaluated row
+    y_true: np.ndarray | None = None
+    probs: np.ndarray | None = None                # [N, C] after TTA (if any)
+    ages_true: np.ndarray | None = None
+    ages_pred: np.ndarray | None = None
+    warnings: list = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """The JSON-ready record of this evaluation."""
+        m = self.meta
+        return {
+            "checkpoint": self.checkpoint_path,
+            "backbones": list(m["backbones"]),
+            "weights": dict(m.get("weights", {})),
+            "feature_kind": m.get("feature_kind"),
+            "target": m.get("target", "group"),
+            "class_names": list(m["class_names"]),
+            "group_edges": list(m["group_edges"]),
+            "best_epoch": m.get("best_epoch"),
+            "split": self.split,
+            "tta": self.tta,
+            **self.metrics,
+            "warnings": list(self.warnings),
+        }
+
+
+def evaluate_checkpoint(checkpoint, name: str, checkpoint_path, inputs: FeatureInputs, split: str,
+                        split_file: Path | None = None, tta: bool = False) -> Evaluation:
+    """Score one loaded checkpoint on one split of a feature file.
+
+    Raises heads.HeadMismatch (a ValueError) if the checkpoint was trained on
+    features from other backbones, weights or age groups than the file holds.
+    """
+    meta = checkpoint.meta
+    checkpoint.check_compatible(inputs.settings)
+    splits = inputs.splits(split_file)
+    rows = np.flatnonzero(splits == split)
+    if len(rows) == 0:
+        source = f"split file {split_file}" if split_file is not None else f"feature file {inputs.path}"
+        raise ValueError(f"no rows are in split {split!r} according to {source}")
+    x = inputs.rows(list(meta["backbones"]), meta["feature_kind"], rows)
+    if "feature_dim" in meta and x.shape[2] != int(meta["feature_dim"]):
+        raise ValueError(f"{checkpoint_path} expects {meta['feature_dim']} features per row but "
+                         f"{inputs.path} gives {x.shape[2]} for {'+'.join(meta['backbones'])} ({meta['feature_kind']})")
+    prob_views, age_views = head_outputs(checkpoint, x)
+    probs = combine_views(prob_views, tta)
+    y_true = inputs.meta["group"][rows]
+    metrics = classification_metrics(y_true, probs, list(meta["class_names"]))
+    ages_true = inputs.meta["age"][rows]
+    ages_pred = None
+    metrics["mae"] = None
+    metrics["mean_age_error"] = None
+    if age_views is not None:
+        ages_pred = combine_views(age_views, tta)
+        am = age_metrics(ages_true, ages_pred)
+        metrics["mae"], metrics["mean_age_error"] = am["mae"], am["mean_error"]
+
+    warnings = split_warnings(meta, inputs.meta, splits, rows, inputs.settings)
+    return Evaluation(name=name, checkpoint_path=str(checkpoint_path), meta=meta, split=split, tta=tta,
+                      metrics=metrics, paths=list(inputs.meta["path"][rows]), y_true=y_true, probs=probs,
+                      ages_true=ages_true, ages_pred=ages_pred, warnings=warnings)
+
+
+# --------------------------------------------------------------------------- comparison table
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.2f}"
+
+
+def paper_accuracy(meta: dict) -> float | None:
+    """The paper's test accuracy for a comparable head: one backbone, last-stage features, default groups."""
+    from .constants import DEFAULT_GROUP_EDGES, PAPER_TEST_ACCURACY
+
+    if len(meta["backbones"]) != 1 or list(meta["group_edges"]) != list(DEFAULT_GROUP_EDGES):
+        return None
+    return PAPER_TEST_ACCURACY.get(meta["backbones"][0])
+
+
+COLUMNS = ("checkpoint", "backbones", "features", "split", "n", "accuracy %", "paper accuracy %",
+           "balanced acc %", "macro-F1 %", "off-by-one %", "ECE %", "MAE (years)")
+
+
+def table_rows(evaluations: list[Evaluation]) -> list[list[str]]:
+    rows = []
+    for ev in evaluations:
+        m, s = ev.metrics, ev.meta
+        paper = paper_accuracy(s)
+        rows.append([
+            ev.name, "+".join(s["backbones"]), str(s.get("feature_kind")), ev.split + (" +TTA" if ev.tta else ""),
+            str(m["n"]), _pct(m["accuracy"]), _pct(paper), _pct(m["balanced_accuracy"]), _pct(m["macro_f1"]),
+            _pct(m["off_by_one"]), _pct(m["ece"]), "—" if m["mae"] is None else f"{m['mae']:.2f}",
+        ])
+    return rows
+
+
+def comparison_markdown(evaluations: list[Evaluation], feature_file: str, split_source: str) -> str:
+    """The Markdown comparison table across checkpoints, with the paper's Table 1 beside ours."""
+    lines = [
+        "# Age-group evaluation",
+        "",
+        f"Features: `{feature_file}`; rows: {split_source}.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" if i < 4 else "---:" for i in range(len(COLUMNS))) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(evaluations)]
+    lines += [
+        "",
+        "Paper accuracy: Table 1 of the paper (frozen backbone, last-stage features, 4 groups, its own random "
+        "70/15/15 test split), shown for single-backbone heads on the default groups, else —.",
+        f"ECE: {N_BINS} equal-width confidence bins. Off-by-one: predicted group is the true one or a neighbour. "
+        "Balanced acc: mean per-group recall. +TTA: plain and mirrored views' probabilities averaged.",
+        "",
+    ]
+    for ev in evaluations:
+        for warning in ev.warnings:
+            lines.append(f"- Warning ({ev.name}): {warning}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def terminal_table(evaluations: list[Evaluation]) -> str:
+    """A compact fixed-width table for the terminal."""
+    cols = ("checkpoint", "split", "n", "acc%", "paper%", "bal%", "F1%", "±1%", "ECE%", "MAE")
+    picks = (0, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+    rows = [[row[i] for i in picks] for row in table_rows(evaluations)]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    fmt = lambda r: "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+    return "\n".join([fmt(cols), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
