@@ -50,14 +50,14 @@ def pick_images(data: Path, count: int, folder: Path) -> Path:
 def mode_ours(images: Path, args) -> dict:
     from pipeline import extract
 
-    out = Path(tempfile.mkdtemp()) / "bench.h5"
-    config = extract.FeaturizeConfig(
-        data_dir=images, out=out, backbones=tuple(args.backbones.split(",")),
-        weights={n: args.weights for n in args.backbones.split(",")}, batch_size=args.batch_size,
-        device=args.device, decoder=args.decoder)
-    started = time.perf_counter()
-    summary = extract.run(config, progress=None, log=lambda *_: None)
-    return {"seconds": time.perf_counter() - started, "images": summary["written"]}
+    with tempfile.TemporaryDirectory() as folder:
+        config = extract.FeaturizeConfig(
+            data_dir=images, out=Path(folder) / "bench.h5", backbones=tuple(args.backbones.split(",")),
+            weights={n: args.weights for n in args.backbones.split(",")}, batch_size=args.batch_size,
+            device=args.device, decoder=args.decoder)
+        started = time.perf_counter()
+        summary = extract.run(config, progress=None, log=lambda *_: None)
+        return {"seconds": time.perf_counter() - started, "images": summary["written"]}
 
 
 def mode_seed(images: Path, args) -> dict:
@@ -167,7 +167,8 @@ def main() -> None:
 
     passthrough = ["--backbones", args.backbones, "--weights", args.weights, "--batch-size", str(args.batch_size),
                    "--device", args.device, "--decoder", args.decoder]
-    work = Path(tempfile.mkdtemp())
+    temporary = tempfile.TemporaryDirectory()
+    work = Path(temporary.name)
     subset = pick_images(args.data, args.images, work / f"n{args.images}")
     results = {}
     for mode in args.modes.split(","):
@@ -205,6 +206,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "args": vars(args) | {"data": str(args.data)},
                                          "results": results}, indent=1, default=str))
+    temporary.cleanup()
 
 
 if __name__ == "__main__":

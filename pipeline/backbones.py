@@ -30,8 +30,9 @@ class BackboneSpec:
     weights_enum: type                  # torchvision weights enum class
     feature_width: int                  # width of the final pooled features
     stage_widths: tuple[int, ...]       # widths of the earlier stages' pooled outputs
-    stage_indices: tuple[int, ...]      # where those stages end (module indices)
+    stage_indices: tuple[int, ...]      # where those stages end: indices into `features`, or ResNet layer numbers
     cam_layer: str                      # attribute path of the Grad-CAM target layer
+    layout: str = "features"            # "features": a torchvision `features` Sequential; "resnet": stem + layer1..4
 
     @property
     def stages_width(self) -> int:
@@ -61,6 +62,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             stage_widths=(256, 512, 1024),
             stage_indices=(1, 2, 3),  # layer1..layer3
             cam_layer="layer4",
+            layout="resnet",
         ),
         BackboneSpec(
             name="efficientnet_b0",
@@ -115,14 +117,18 @@ class FrozenBackbone(nn.Module):
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.cam_layer = self.model.get_submodule(spec.cam_layer)
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        # Looked up, not stored: storing it would register the layer twice in state_dict.
+        return self.model.get_submodule(self.spec.cam_layer)
 
     def train(self, mode: bool = True):
         # Frozen means BatchNorm statistics never move, whatever the caller does.
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.spec.name == "resnet50":
+        if self.spec.layout == "resnet":
             return self._forward_resnet(x)
         return self._forward_sequential(x)
 
@@ -138,10 +144,10 @@ class FrozenBackbone(nn.Module):
         m = self.model
         x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
         stages = []
-        for layer in (m.layer1, m.layer2, m.layer3):
+        for number, layer in enumerate((m.layer1, m.layer2, m.layer3, m.layer4), start=1):
             x = layer(x)
-            stages.append(_pool(x))
-        x = m.layer4(x)
+            if number in self.spec.stage_indices:
+                stages.append(_pool(x))
         return _pool(x), torch.cat(stages, dim=1)
 
 

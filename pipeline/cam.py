@@ -53,6 +53,7 @@ from torch import nn
 
 from .backbones import FrozenBackbone, create_backbone, resolve_weights_id
 from .constants import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
+from .dataset import IMAGE_SUFFIXES as DATASET_IMAGE_SUFFIXES, find_images
 from .heads import HeadCheckpoint, assemble_features, load_checkpoint
 
 # method name -> pytorch-grad-cam class name (None: computed here).
@@ -66,7 +67,7 @@ METHODS = {
     "eigengradcam": "EigenGradCAM",
     "scorecam": "ScoreCAM",
 }
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_SUFFIXES = tuple(sorted(DATASET_IMAGE_SUFFIXES))
 
 
 class CamError(ValueError):
@@ -435,7 +436,7 @@ def save_grid(path: Path, originals: list[np.ndarray], names: list[str], columns
 
 
 def list_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files as given, folders expanded to their .jpg/.jpeg/.png files (sorted, not recursive).
+    """Files as given, folders expanded to their .jpg/.jpeg/.png files (recursively, as featurize does).
 
     Returns (paths, problems) where problems are (input, reason) for inputs that do not exist.
     """
@@ -443,7 +444,7 @@ def list_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[st
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = find_images(item)
             if not found:
                 problems.append((str(item), "folder holds no .jpg, .jpeg or .png files"))
             paths += found

@@ -13,8 +13,8 @@ MAX_AGE = 116
 SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
 SPLIT_NAMES = ("train", "val", "test")
 
-# UTKFace's race codes; files without the field get RACE_UNKNOWN.
-RACE_NAMES = ("white", "black", "asian", "indian", "others")
+# UTKFace's race codes are 0-4 (white, black, asian, indian, others);
+# the few names without the field get RACE_UNKNOWN.
 RACE_UNKNOWN = -1
 
 # The paper's test accuracy (Table 1), shown beside ours in reports.
@@ -31,7 +31,6 @@ PAPER_HEAD = {
     "lr": 1e-3,
     "epochs": 10,
     "batch_size": 32,
-    "optimizer": "adam",
 }
 
 

@@ -161,10 +161,6 @@ class HeadCheckpoint:
         with torch.no_grad():
             return self.head.predict_age(features)
 
-    def scores(self, features: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.head(features)
-
 
 def check_compatible(meta: dict, settings: dict) -> None:
     """Compare a head's meta with a feature file's settings (store.read_settings) or live settings."""

@@ -130,11 +130,15 @@ def _write_atomic(path: Path, data: bytes) -> None:
 # --------------------------------------------------------------------------- writing
 
 
+def _chunks(n: int, d: int) -> tuple[int, int, int] | None:
+    """256-row chunks; an empty dataset (every image of a shard failed) cannot be chunked."""
+    return (min(256, n), 2, d) if n else None
+
+
 def _create_datasets(h5: h5py.File, n: int, widths: dict[str, tuple[int, int]], dtype: str) -> None:
     for name, (width, stages_width) in widths.items():
         for group, d in (("features", width), ("stages", stages_width)):
-            h5.create_dataset(f"{group}/{name}", shape=(n, 2, d), dtype=dtype,
-                              chunks=(max(1, min(256, n)), 2, d))
+            h5.create_dataset(f"{group}/{name}", shape=(n, 2, d), dtype=dtype, chunks=_chunks(n, d))
 
 
 def write_meta(h5: h5py.File, meta: dict[str, np.ndarray]) -> None:
@@ -234,6 +238,9 @@ def merge(shard_paths: list[Path], out_path: Path) -> dict:
                                    f"{describe_mismatch(other, settings)}")
     shards.sort(key=lambda s: s[2]["index"])
     count = shards[0][2]["count"]
+    if any(s[2]["count"] != count for s in shards):
+        raise ValueError("these files come from runs split into different numbers of shards: "
+                         + ", ".join(f"{p} ({s['index']}/{s['count']})" for p, _, s in shards))
     indices = [s[2]["index"] for s in shards]
     if indices != list(range(count)):
         missing = sorted(set(range(count)) - set(indices))
@@ -246,7 +253,7 @@ def merge(shard_paths: list[Path], out_path: Path) -> dict:
         total = sum(len(s["meta/age"]) for s in sources)
         with h5py.File(tmp, "w") as h5:
             extra = {k: v for k, v in sources[0].attrs.items()
-                     if k not in ("settings", "fingerprint", "shard", "created")}
+                     if k not in ("settings", "fingerprint", "shard", "shard_rows", "created")}
             write_root_attrs(h5, settings, {**extra, "shard": json.dumps({"index": 0, "count": 1}),
                                             "merged_from": json.dumps([str(p) for p, _, _ in shards])})
             write_meta(h5, {c: np.concatenate([read_column(s, c) for s in sources]) for c in META_COLUMNS})
@@ -255,7 +262,7 @@ def merge(shard_paths: list[Path], out_path: Path) -> dict:
                 for name in sources[0][group]:
                     first = sources[0][f"{group}/{name}"]
                     out = h5.create_dataset(f"{group}/{name}", shape=(total,) + first.shape[1:], dtype=first.dtype,
-                                            chunks=(max(1, min(256, total)),) + first.shape[1:])
+                                            chunks=_chunks(total, first.shape[2]))
                     out.attrs.update(dict(first.attrs))
                     row = 0
                     for s in sources:

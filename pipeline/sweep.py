@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from .constants import group_names
+from .constants import PAPER_HEAD, group_names
 from .heads import AgeHead, HeadData, ordinal_scores
 
 ADAM_BETAS = (0.9, 0.999)
@@ -42,12 +42,12 @@ HUBER_YEARS = 2.0   # age loss is quadratic within 2 years of the truth, linear 
 
 @dataclass(frozen=True)
 class HeadConfig:
-    """One training recipe. Defaults are the paper's."""
-    lr: float = 1e-3
-    epochs: int = 10
-    batch_size: int = 32
-    dropout: float = 0.3
-    hidden: tuple[int, ...] = (512, 256)
+    """One training recipe. Defaults are the paper's (constants.PAPER_HEAD)."""
+    lr: float = PAPER_HEAD["lr"]
+    epochs: int = PAPER_HEAD["epochs"]
+    batch_size: int = PAPER_HEAD["batch_size"]
+    dropout: float = PAPER_HEAD["dropout"]
+    hidden: tuple[int, ...] = PAPER_HEAD["hidden"]
     weight_decay: float = 0.0          # decoupled (AdamW); 0 = the paper's plain Adam
     schedule: str = "constant"         # or "cosine" (per step, to 0 at the end)
     label_smoothing: float = 0.0

@@ -18,9 +18,18 @@ for backbone in mobilenet_v2 resnet50 efficientnet_b0; do
     $BIN/train-head "$OUT/features.h5" --backbones "$backbone" -o "$OUT/heads/$backbone" --quiet
 done
 $BIN/evaluate "$OUT"/heads/* --features "$OUT/features.h5" --split test --tta -o "$OUT/eval"
-# Grad-CAM for four faces, one per age group, as a grid of backbones (the paper's Figure 4).
-faces=$(ls "$DATA" | awk -F_ '$1<=25{a=a?a:$0} $1>25&&$1<=50{b=b?b:$0} $1>50&&$1<=75{c=c?c:$0} $1>75{d=d?d:$0} END{print a, b, c, d}')
-(cd "$DATA" && ../../$BIN/explain $faces $(for b in mobilenet_v2 resnet50 efficientnet_b0; do echo -c "../../$OUT/heads/$b"; done) -o "../../$OUT/cam") \
-    || echo "(explain reported a problem; see above)"
+# Grad-CAM for the first test face of each age group, as a grid of backbones (the paper's Figure 4).
+mapfile -t faces < <($BIN/python - "$OUT/features.h5" "$DATA" <<'PY'
+import sys
+from pipeline.store import read_meta
+meta = read_meta(sys.argv[1])
+for group in range(4):
+    rows = [i for i in range(len(meta["path"])) if meta["split"][i] == "test" and meta["group"][i] == group]
+    if rows:
+        print(f"{sys.argv[2]}/{meta['path'][rows[0]]}")
+PY
+)
+$BIN/explain "${faces[@]}" -c "$OUT/heads/mobilenet_v2" -c "$OUT/heads/resnet50" -c "$OUT/heads/efficientnet_b0" \
+    -o "$OUT/cam"
 echo
 echo "demo done: $OUT/features.h5, $OUT/heads/*, $OUT/eval/comparison.md, $OUT/cam/grid_gradcam.png"

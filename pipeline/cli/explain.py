@@ -102,7 +102,8 @@ def main(inputs, checkpoints, out, target, method, save_npy, batch_size, device,
             inputs=list(inputs), checkpoints=list(checkpoints), out_dir=out, target=target, method=method,
             save_npy=save_npy, batch_size=batch_size, device=device, weights=weights_map, grid_rows=grid_rows),
             log=click.echo, warn=warn)
-    except (CamError, HeadMismatch, CheckpointError, WeightsUnavailable, FileNotFoundError) as err:
+    except (CamError, HeadMismatch, CheckpointError, WeightsUnavailable, FileNotFoundError, ValueError,
+            OSError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"explained {summary['explained']} image(s) into {out}")
     if summary["failures"]:
