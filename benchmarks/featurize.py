@@ -99,7 +99,8 @@ def mode_ceiling(images: Path, args) -> dict:
     import torch
 
     from pipeline.decode import make_decoder
-    from pipeline.extract import BackboneRunner, resolve_device
+    from pipeline.device import resolve_device
+    from pipeline.extract import BackboneRunner
 
     device = resolve_device(args.device)
     files = sorted(images.iterdir())

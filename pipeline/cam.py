@@ -54,6 +54,7 @@ from torch import nn
 from .backbones import FrozenBackbone, create_backbone, resolve_weights_id
 from .constants import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
 from .dataset import IMAGE_SUFFIXES as DATASET_IMAGE_SUFFIXES, find_images
+from .device import resolve_device
 from .heads import HeadCheckpoint, assemble_features, load_checkpoint
 
 # method name -> pytorch-grad-cam class name (None: computed here).
@@ -478,14 +479,6 @@ def to_model_input(pictures: list[np.ndarray], device: torch.device) -> torch.Te
     return preprocess_rgb(pictures, device=device)
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CamError("--device cuda asked for, but torch sees no CUDA GPU")
-    return torch.device(device)
-
-
 # --------------------------------------------------------------------------- the explain job
 
 
@@ -577,7 +570,7 @@ def explain_images(config: ExplainConfig, log: Callable[[str], None] = print,
     Pictures that cannot be read are reported through `warn` and skipped; the
     rest are explained. Returns {explained, failures, files}.
     """
-    device = pick_device(config.device)
+    device = resolve_device(config.device)
     if config.method not in METHODS:
         raise CamError(f"unknown method {config.method!r}; choose from {', '.join(METHODS)}")
     paths, failures = list_images(config.inputs)

@@ -29,8 +29,9 @@ import torch
 
 from .attribution_metrics import FACE_REGION, FaceRegion, curve_auc, deletion_curves, deletion_order, \
     face_focus, fractions, random_map, summarize
-from .cam import CamError, checkpoint_labels, columns_for, explain_batch, load_models, pick_device, \
+from .cam import CamError, checkpoint_labels, columns_for, explain_batch, load_models, \
     read_pictures, to_model_input, cache_agreement
+from .device import resolve_device
 from .heads import load_features
 from .store import read_meta, read_settings
 
@@ -74,7 +75,7 @@ def _probabilities(model) -> Callable[[torch.Tensor], torch.Tensor]:
 def run_report(config: ReportConfig, log: Callable[[str], None] = print,
                warn: Callable[[str], None] = print) -> dict:
     started = time.time()
-    device = pick_device(config.device)
+    device = resolve_device(config.device)
     settings = read_settings(config.features)
     meta = read_meta(config.features)
     rows = choose_rows(meta["split"], config.split, config.limit, config.seed)

@@ -22,6 +22,7 @@ import torch
 from . import __version__
 from .backbones import create_backbone, fuse_conv_bn, get_spec, resolve_weights_id
 from .constants import DEFAULT_GROUP_EDGES, IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
+from .device import resolve_device
 from .dataset import apply_split_file, assign_splits, read_split_file, scan, sha256_of, split_counts
 from .store import PartsFolder, SettingsMismatch, assemble, describe_mismatch, fingerprint
 
@@ -155,14 +156,6 @@ def existing_status(plan: Plan) -> str | None:
                                f"{describe_mismatch(found, plan.settings)}\n"
                                f"Choose another -o, or delete the file to recompute.")
     return "done"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA GPU")
-    return torch.device(device)
 
 
 class BackboneRunner:

@@ -57,7 +57,7 @@ class Predictor:
     """
 
     def __init__(self, checkpoint, weights: dict[str, str] | None = None, device: str = "auto"):
-        from ..extract import resolve_device
+        from ..device import resolve_device
 
         self.checkpoint = checkpoint
         self.meta = checkpoint.meta

@@ -127,15 +127,16 @@ def main(features_file, backbones, out, feature_kind, split_file, target, lr, ep
     import torch
 
     from ..backbones import parse_backbones
+    from ..device import resolve_device
     from ..heads import HeadData, load_training_data, save_checkpoint
     from ..sweep import HeadConfig, expand_grid, result_meta, thread_plan, train_heads
 
     if threads != "auto" and (not threads.isdigit() or int(threads) < 1):
         raise click.BadParameter(f"{threads!r} is not a positive number or auto", param_hint="--threads")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise click.ClickException("--device cuda: no CUDA device is available")
+    try:
+        device = resolve_device(device).type
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
     try:
         names = list(parse_backbones(backbones))
     except ValueError as err:
