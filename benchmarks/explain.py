@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,26 +34,7 @@ if (SHARED / "torch").is_dir():
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
-        commit += "+dirty" if dirty.strip() else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "no commit yet"
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "commit": commit, "load": os.getloadavg()[0]}
+from machine_info import machine  # noqa: E402
 
 
 def pick_images(data: Path | None, count: int, folder: Path) -> list[Path]:
@@ -157,7 +136,7 @@ def main() -> None:
     sizes = args.batch_sizes.split(",")
     print(f"\nGrad-CAM speed, {len(pictures)} pictures ({'UTKFace' if args.data.is_dir() else 'synthetic'} "
           f"200x200 -> 224), weights {args.weights}, device {args.device}")
-    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads), "
           f"commit {info['commit']}, load average at start {info['load']:.1f}\n")
     print("| backbone | model load (s) | forward (img/s) | "
           + " | ".join(f"Grad-CAM batch {s} (maps/s)" for s in sizes)

@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+from machine_info import machine  # noqa: E402
 
 from pipeline.heads import HeadData, load_training_data  # noqa: E402
 from pipeline.sweep import HeadConfig, expand_grid, train_heads  # noqa: E402
@@ -42,31 +40,6 @@ from pipeline.sweep import HeadConfig, expand_grid, train_heads  # noqa: E402
 WIDTHS = {"mobilenet_v2": 1280, "resnet50": 2048, "efficientnet_b0": 1280}
 # Full UTKFace: 23,708 images, 70/15/15.
 UTK_ROWS = {"train": 16_596, "val": 3_556, "test": 3_556}
-
-
-# --------------------------------------------------------------------------- machine
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pipeline", "benchmarks"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        commit += " (+ uncommitted changes)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": cores, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "commit": commit, "python": platform.python_version()}
 
 
 def load_average() -> str:
