@@ -82,7 +82,9 @@ def rate(fn, batches: list[torch.Tensor], repeats: int) -> float:
 
 
 def bench_backbone(name: str, args, pictures: list[np.ndarray], paths: list[Path], work: Path) -> dict:
-    from pipeline.cam import ExplainConfig, explain_images, grad_cam, load_full_model, to_model_input
+    from pipeline.cam import grad_cam
+    from pipeline.explain_job import ExplainConfig, explain_images, to_model_input
+    from pipeline.full_model import load_full_model
 
     checkpoint = head_checkpoint(name, args.weights, work)
     started = time.perf_counter()
@@ -122,7 +124,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of N passes over the images")
     args = parser.parse_args()
 
-    from pipeline.cam import read_pictures
+    from pipeline.explain_job import read_pictures
 
     info = machine()
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,7 @@
 """`explain --report`: face focus and deletion faithfulness per backbone over a split.
 
 For every chosen image of the split (all, or a seeded subsample of --limit),
-each checkpoint's full model is rebuilt (cam.load_full_model), its map is
+each checkpoint's full model is rebuilt (full_model.load_full_model), its map is
 computed for the predicted group, and:
 
 * its logits are checked against the head on the image's cached plain-view
@@ -29,8 +29,8 @@ import torch
 
 from .attribution_metrics import FACE_REGION, FaceRegion, curve_auc, deletion_curves, deletion_order, \
     face_focus, fractions, random_map, summarize
-from .cam import CamError, checkpoint_labels, columns_for, explain_batch, load_models, \
-    read_pictures, to_model_input, cache_agreement
+from .cam import CamError, cache_agreement, explain_batch
+from .explain_job import checkpoint_labels, columns_for, load_models, read_pictures, to_model_input
 from .device import resolve_device
 from .heads import load_features
 from .store import read_meta, read_settings
@@ -247,13 +247,13 @@ def report_markdown(report: dict) -> str:
 
 
 def curves_figure(report: dict, path: Path) -> Path:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .figures import save_figure
 
     x = fractions(report["steps"])
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.subplots()
     for i, column in enumerate(report["columns"]):
         colour = f"C{i}"
         ax.plot(x, column["mean_map_curve"], color=colour, label=f"{column['label']} (map order)")
@@ -264,6 +264,4 @@ def curves_figure(report: dict, path: Path) -> Path:
     ax.legend(fontsize=7)
     ax.set_title(f"Deletion curves ({report['method']}, {report['images']} images)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -89,6 +89,29 @@ def find_images(data_dir: Path) -> list[Path]:
     )
 
 
+def collect_images(inputs) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files as given and folders expanded (recursively, as featurize does), in order, without repeats.
+
+    Returns (paths, problems): problems are (input, reason) for inputs that do not exist or hold no image.
+    """
+    paths, problems, seen = [], [], set()
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = find_images(item)
+            if not found:
+                problems.append((str(item), "folder holds no .jpg, .jpeg or .png files"))
+        elif item.exists():
+            found = [item]
+        else:
+            found = []
+            problems.append((str(item), "no such file or folder"))
+        for path in found:
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                paths.append(path)
+    return paths, problems
+
+
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -15,11 +15,12 @@ from matplotlib.figure import Figure
 DPI = 120
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path, dpi: int = DPI) -> Path:
+    """Write a Figure made without pyplot as PNG, creating the folder."""
     FigureCanvasAgg(fig)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png")
+    fig.savefig(path, dpi=dpi, format="png")
     return path
 
 
@@ -53,7 +54,7 @@ def confusion_figure(confusion, class_names: list[str], path: Path, title: str =
         ax.set_title(subtitle)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _series(history: list[dict], key: str) -> tuple[list, list]:
@@ -91,7 +92,7 @@ def curves_figure(history: list[dict], best_epoch: int | None, path: Path, title
             ax.legend()
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def reliability_figure(calibration: dict, path: Path, title: str = "") -> Path:
@@ -127,4 +128,4 @@ def reliability_figure(calibration: dict, path: Path, title: str = "") -> Path:
     bottom.set_xlabel("confidence (largest group probability)")
     bottom.set_ylabel("images")
     bottom.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -1,4 +1,4 @@
-"""The HDF5 feature store: write finished batches safely, resume, merge, read.
+"""The HDF5 feature store: write finished batches safely, resume, merge shards, join backbones, read.
 
 Layout of a feature file (see README, "Feature file layout"):
 
@@ -157,6 +157,11 @@ def write_skipped(h5: h5py.File, skipped: list[tuple[str, str]]) -> None:
     h5.create_dataset("skipped/reason", data=np.asarray([s[1] for s in skipped], dtype=object), dtype=_STR)
 
 
+# Written from the settings by write_root_attrs; never copied over from another file.
+_ROOT_ATTRS = ("format", "settings", "fingerprint", "backbones", "weights", "group_edges", "seed",
+               "preprocessing", "created")
+
+
 def write_root_attrs(h5: h5py.File, settings: dict, extra: dict) -> None:
     h5.attrs["format"] = FORMAT
     h5.attrs["settings"] = json.dumps(settings, sort_keys=True)
@@ -252,8 +257,7 @@ def merge(shard_paths: list[Path], out_path: Path) -> dict:
     try:
         total = sum(len(s["meta/age"]) for s in sources)
         with h5py.File(tmp, "w") as h5:
-            extra = {k: v for k, v in sources[0].attrs.items()
-                     if k not in ("settings", "fingerprint", "shard", "shard_rows", "created")}
+            extra = {k: v for k, v in sources[0].attrs.items() if k not in _ROOT_ATTRS + ("shard", "shard_rows")}
             write_root_attrs(h5, settings, {**extra, "shard": json.dumps({"index": 0, "count": 1}),
                                             "merged_from": json.dumps([str(p) for p, _, _ in shards])})
             write_meta(h5, {c: np.concatenate([read_column(s, c) for s in sources]) for c in META_COLUMNS})
@@ -276,6 +280,84 @@ def merge(shard_paths: list[Path], out_path: Path) -> dict:
             s.close()
     os.replace(tmp, out_path)
     return {"written": total, "shards": len(shards)}
+
+
+def join(paths: list[Path], out_path: Path) -> dict:
+    """Put the backbones of several files over the same images into one file.
+
+    Typical use: one featurize job per backbone (on different nodes), then one
+    file that train-head can fuse. The files must hold the same rows with the
+    same ages and splits, and agree on every setting except the backbones.
+    """
+    if len(paths) < 2:
+        raise ValueError("join needs at least two feature files")
+    settings = [read_settings(p) for p in paths]
+    metas = [read_meta(p) for p in paths]
+    first, first_meta = settings[0], metas[0]
+
+    def same(s: dict) -> dict:  # the settings that must agree
+        return {k: v for k, v in s.items() if k not in ("backbones", "weights", "fingerprint")}
+
+    backbones: list[str] = []
+    for path, other, meta in zip(paths, settings, metas):
+        if same(other) != same(first):
+            raise SettingsMismatch(f"{path} was made with other settings than {paths[0]}:\n"
+                                   f"{describe_mismatch(same(other), same(first))}")
+        for column in META_COLUMNS:
+            if len(meta[column]) != len(first_meta[column]) or np.any(meta[column] != first_meta[column]):
+                raise ValueError(f"{path} and {paths[0]} do not hold the same images in the same order "
+                                 f"(meta/{column} differs); join needs files featurized from the same data")
+        twice = [b for b in other["backbones"] if b in backbones]
+        if twice:
+            raise ValueError(f"{path} holds {', '.join(twice)}, which an earlier file already has")
+        backbones += other["backbones"]
+
+    joined = {**same(first), "backbones": backbones,
+              "weights": {name: s["weights"][name] for s in settings for name in s["backbones"]}}
+    out_path = Path(out_path)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    sources = [h5py.File(p, "r") for p in paths]
+    try:
+        with h5py.File(tmp, "w") as h5:
+            # Where each backbone was computed (node, decoder, library versions) can differ per file.
+            origins = [{"path": str(p), "fingerprint": s["fingerprint"],
+                        **{k: _plain(src.attrs[k]) for k in ("versions", "data_dir", "decoder_device") if k in src.attrs}}
+                       for p, s, src in zip(paths, settings, sources)]
+            extra = {k: v for k, v in sources[0].attrs.items() if k not in _ROOT_ATTRS + ("versions", "decoder_device")}
+            write_root_attrs(h5, joined, {**extra, "joined_from": origins})
+            write_meta(h5, first_meta)
+            write_skipped(h5, read_skipped(sources[0]))
+            for source, s in zip(sources, settings):
+                for name in s["backbones"]:
+                    for group in ("features", "stages"):
+                        _copy_blockwise(source[f"{group}/{name}"], h5, f"{group}/{name}")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        for source in sources:
+            source.close()
+    os.replace(tmp, out_path)
+    return {"written": len(first_meta["age"]), "backbones": backbones}
+
+
+def _plain(value):
+    """An HDF5 attribute as JSON-ready Python (JSON strings decoded)."""
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def _copy_blockwise(src: h5py.Dataset, h5: h5py.File, name: str) -> None:
+    out = h5.create_dataset(name, shape=src.shape, dtype=src.dtype, chunks=_chunks(len(src), src.shape[2]))
+    out.attrs.update(dict(src.attrs))
+    for lo in range(0, len(src), 4096):  # bounded memory on big files
+        out[lo:lo + 4096] = src[lo:lo + 4096]
 
 
 # --------------------------------------------------------------------------- reading

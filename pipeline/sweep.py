@@ -377,7 +377,7 @@ def _train_stack(data: HeadData, configs: list[HeadConfig], keep: str = "best") 
     device = data.device
     K, B, C = len(configs), cfg0.batch_size, data.n_classes
     regression = cfg0.target == "age"
-    train, val, test = data.tables(cfg0.standardize)
+    train, val, _ = data.tables(cfg0.standardize)  # test rows stay for evaluate: chosen on val only
     n, D = train.shape[0], train.shape[2]
     table = train.reshape(2 * n, D)  # row 2i: image i plain, 2i+1: mirrored
     sizes = [D, *cfg0.hidden, 1 if regression else C]
@@ -511,7 +511,7 @@ def _train_stack(data: HeadData, configs: list[HeadConfig], keep: str = "best") 
         if regression:
             res.age_shift, res.age_scale = age_shift, age_scale
         results.append(res)
-    _final_metrics(data, results, val, test)
+    _final_metrics(data, results, val)
     return results
 
 
@@ -572,27 +572,24 @@ def _evaluate(W, b, x, groups, ages, configs, weights, age_info, T, chunk=4096):
 
 
 @torch.no_grad()
-def _final_metrics(data: HeadData, results: list[HeadResult], val, test) -> None:
-    """Best-epoch metrics; for age heads also fit the ordinal temperature on validation."""
+def _final_metrics(data: HeadData, results: list[HeadResult], val) -> None:
+    """Best-epoch validation metrics; for age heads also fit the ordinal temperature on validation.
+
+    No test numbers here: a sweep picks on validation, and evaluate touches the test split once.
+    """
     for res in results:
         W = [w.to(data.device).unsqueeze(0) for w, _ in res.params]
         b = [bb.to(data.device).unsqueeze(0) for _, bb in res.params]
-        splits = [("val", val, data.val_group, data.val_age)]
-        if test is not None:
-            splits.append(("test", test, data.test_group, data.test_age))
+        z = _mlp(W, b, val, 0)
         if res.config.target == "age":
             thresholds = torch.tensor([e + 0.5 for e in data.group_edges[:-1]], device=data.device)
-            pred_val = _mlp(W, b, val, 0)[:, 0] * res.age_scale + res.age_shift
-            res.temperature = fit_temperature(pred_val, data.val_group, thresholds)
-        for name, x, groups, ages in splits:
-            z = _mlp(W, b, x, 0)
-            if res.config.target == "age":
-                age = z[:, 0] * res.age_scale + res.age_shift
-                pred = (age.unsqueeze(1) > thresholds).sum(1)
-                res.metrics[f"{name}_mae"] = float((age - ages).abs().mean())
-            else:
-                pred = z.argmax(1)
-            res.metrics[f"{name}_acc"] = float((pred == groups).double().mean())
+            age = z[:, 0] * res.age_scale + res.age_shift
+            res.temperature = fit_temperature(age, data.val_group, thresholds)
+            pred = (age.unsqueeze(1) > thresholds).sum(1)
+            res.metrics["val_mae"] = float((age - data.val_age).abs().mean())
+        else:
+            pred = z.argmax(1)
+        res.metrics["val_acc"] = float((pred == data.val_group).double().mean())
 
 
 def fit_temperature(age_pred: torch.Tensor, groups: torch.Tensor, thresholds: torch.Tensor) -> float:

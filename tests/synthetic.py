@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.constants import DEFAULT_GROUP_EDGES, IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
+from pipeline.constants import DEFAULT_GROUP_EDGES
 from pipeline.dataset import age_to_group
+from pipeline.extract import PREPROCESSING
 from pipeline.store import write_feature_file
 
 WIDTHS = {"mobilenet_v2": (1280, 488), "resnet50": (2048, 1792), "efficientnet_b0": (1280, 512)}
@@ -17,8 +18,7 @@ def synthetic_settings(backbones=("mobilenet_v2",), edges=DEFAULT_GROUP_EDGES, w
     return {
         "backbones": list(backbones),
         "weights": {name: weights for name in backbones},
-        "preprocessing": {"size": IMAGE_SIZE, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                          "resize": "bilinear-antialias", "views": ["plain", "mirror"]},
+        "preprocessing": dict(PREPROCESSING),
         "group_edges": list(edges),
         "seed": seed,
         "split_source": "seeded",

@@ -16,10 +16,11 @@ from torch import nn
 from pipeline.attribution_metrics import (FACE_REGION, FaceRegion, curve_auc, deletion_curves, deletion_order,
                                           face_focus, random_map, summarize)
 from pipeline.backbones import BackboneSpec, FrozenBackbone
-from pipeline.cam import (CamError, FullModel, cache_agreement, explain_batch, grad_cam, image_key,
-                          load_full_model, overlay_rgb, read_pictures, resolve_target, title_band_height,
-                          to_model_input)
-from pipeline.heads import AgeHead, HeadCheckpoint, save_checkpoint
+from pipeline.cam import CamError, cache_agreement, explain_batch, grad_cam, require_last_block, resolve_target
+from pipeline.explain_job import image_key, read_pictures, to_model_input
+from pipeline.full_model import FullModel, RebuildError, load_full_model
+from pipeline.overlays import overlay_rgb, title_band_height
+from pipeline.heads import AgeHead, save_checkpoint
 from tests.imagefactory import asymmetric_rgb, write_garbage, write_jpeg, write_png, write_truncated_jpeg
 
 UTKFACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "utkface"
@@ -167,7 +168,7 @@ def test_hooks_released_and_model_stays_frozen_even_on_error():
 def test_stages_heads_are_refused():
     meta = {"feature_kind": "stages", "backbones": ["mobilenet_v2"], "weights": {"mobilenet_v2": "none"}}
     with pytest.raises(CamError, match="stages"):
-        load_full_model(HeadCheckpoint(AgeHead(488), meta))
+        require_last_block(meta)
 
 
 # --------------------------------------------------------------------------- the real pipeline
@@ -192,8 +193,6 @@ def _calibrated_mobilenet(path: Path, pictures: list[Path]) -> Path:
     net is 13x cheaper than ResNet50.
     """
     import torchvision
-
-    from pipeline.cam import read_pictures, to_model_input
 
     torch.manual_seed(0)
     net = torchvision.models.mobilenet_v2(weights=None)
@@ -241,9 +240,9 @@ def cached(tmp_path_factory):
 
 
 def test_rebuilt_model_equals_head_on_cached_features(cached):
-    with pytest.raises(CamError, match="--weights mobilenet_v2="):
+    with pytest.raises(RebuildError, match="--weights mobilenet_v2="):
         load_full_model(cached["checkpoints"][0])
-    with pytest.raises(CamError, match="has id"):
+    with pytest.raises(RebuildError, match="has id"):
         load_full_model(cached["checkpoints"][0], weights={"mobilenet_v2": "IMAGENET1K_V1"})
     model, ckpt = load_full_model(cached["checkpoints"][0], weights=cached["weights"], device="cpu")
     assert all(not p.requires_grad for p in model.parameters())
@@ -400,7 +399,7 @@ def test_deletion_order_breaks_ties_at_random():
 
 @pytest.mark.skipif(not UTKFACE.is_dir(), reason="UTKFace not present at ../shared/data/utkface")
 def test_real_utkface_pictures_keep_their_size(cached, tmp_path):
-    from pipeline.cam import ExplainConfig, explain_images
+    from pipeline.explain_job import ExplainConfig, explain_images
 
     pictures = sorted(UTKFACE.glob("*.jpg"))[:2]
     config = ExplainConfig(inputs=pictures, checkpoints=[cached["checkpoints"][0]], out_dir=tmp_path, save_npy=True,

@@ -430,7 +430,7 @@ def test_predict_reports_unreadable_images_and_predicts_the_rest(image_head, tmp
 def test_predict_bad_inputs(image_head, tmp_path):
     root, images, _, heads, _ = image_head
     result = run(predict_main, [tmp_path / "missing.jpg", "--checkpoint", heads["group"]])
-    assert result.exit_code == 1 and f"{tmp_path / 'missing.jpg'} does not exist" in result.output
+    assert result.exit_code == 1 and f"{tmp_path / 'missing.jpg'}: no such file or folder" in result.output
     result = run(predict_main, [images[0], "--checkpoint", tmp_path / "nohead"])
     assert result.exit_code == 1 and "does not exist" in result.output
     empty = tmp_path / "empty"

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import h5py
 import numpy as np
 import pytest
@@ -219,6 +220,39 @@ def test_two_shards_merge_to_a_single_run(utk_folder, tmp_path, monkeypatch, fas
     assert incomplete.exit_code != 0 and "missing [1]" in incomplete.output
 
 
+def test_join_puts_per_backbone_files_together(tmp_path):
+    from synthetic import make_feature_file
+
+    widths = {"mobilenet_v2": (12, 6), "resnet50": (16, 8), "efficientnet_b0": (10, 4)}
+    mnv2 = make_feature_file(tmp_path / "mnv2.h5", n=40, backbones=("mobilenet_v2",), widths=widths)
+    r50 = make_feature_file(tmp_path / "r50.h5", n=40, backbones=("resnet50",), widths=widths, weights="IMAGENET1K_V1")
+    joined = tmp_path / "both.h5"
+    result = CliRunner().invoke(featurize_cli, ["join", str(mnv2), str(r50), "-o", str(joined)])
+    assert result.exit_code == 0, result.output
+
+    settings = read_settings(joined)
+    assert settings["backbones"] == ["mobilenet_v2", "resnet50"]
+    with h5py.File(joined, "r") as h5:  # the plain attributes for h5ls/HDFView agree with the settings
+        assert h5.attrs["backbones"] == "mobilenet_v2,resnet50"
+        assert [o["path"] for o in json.loads(h5.attrs["joined_from"])] == [str(mnv2), str(r50)]
+    assert settings["weights"] == {"mobilenet_v2": "none", "resnet50": "IMAGENET1K_V1"}
+    for source, name in ((mnv2, "mobilenet_v2"), (r50, "resnet50")):
+        for kind in ("last", "stages"):
+            np.testing.assert_array_equal(read_features(joined, name, kind), read_features(source, name, kind))
+    for column, values in read_meta(mnv2).items():
+        np.testing.assert_array_equal(read_meta(joined)[column], values)
+
+    def join(*files):
+        return CliRunner().invoke(featurize_cli, ["join", *map(str, files), "-o", str(tmp_path / "x.h5")])
+
+    other_rows = make_feature_file(tmp_path / "rows.h5", n=30, backbones=("efficientnet_b0",), widths=widths)
+    assert "do not hold the same images" in join(mnv2, other_rows).output
+    other_seed = make_feature_file(tmp_path / "seed.h5", n=40, backbones=("efficientnet_b0",), widths=widths, seed=1)
+    assert "seed: file has 1" in join(mnv2, other_seed).output
+    assert "mobilenet_v2, which an earlier file already has" in join(mnv2, joined).output
+    assert not (tmp_path / "x.h5").exists()
+
+
 def test_shard_from_environment():
     assert shard_from_env({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"}) == (3, 4)
     assert shard_from_env({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "4",
@@ -237,6 +271,20 @@ def test_readable_errors(tmp_path, fast):
     assert none_found.exit_code != 0 and "no UTKFace images found" in none_found.output
     bad_shard = runner.invoke(featurize_cli, [str(empty), "--shard", "2/2", *fast])
     assert bad_shard.exit_code != 0 and "0 <= i < n" in bad_shard.output
+    bad_weights = runner.invoke(featurize_cli, [str(empty), "--backbones", "mobilenet_v2",
+                                                "--weights", "resnet50=/models/r50.pth"])
+    assert bad_weights.exit_code != 0 and "'resnet50' is not one of the backbones here" in bad_weights.output
+
+
+def test_weight_pairs_parse_the_same_in_every_command():
+    from pipeline.cli.options import parse_weight_pairs
+
+    assert parse_weight_pairs("resnet50=/m/r50.pth, mobilenet_v2=IMAGENET1K_V1") == \
+        {"resnet50": "/m/r50.pth", "mobilenet_v2": "IMAGENET1K_V1"}
+    assert parse_weight_pairs(("resnet50=a.pth", "mobilenet_v2=b.pth")) == {"resnet50": "a.pth", "mobilenet_v2": "b.pth"}
+    assert parse_weight_pairs(None) == {}
+    with pytest.raises(click.BadParameter, match="expected NAME=FILE_OR_ENUM"):
+        parse_weight_pairs("resnet50")
 
 
 def test_default_data_is_the_shipped_sample(tmp_path, fast, monkeypatch):

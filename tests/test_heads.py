@@ -162,7 +162,8 @@ def test_training_reduces_loss_and_separates_the_signal(loaded):
     result = train_heads(loaded.data, [HeadConfig(epochs=4)])[0]
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < 0.5 * losses[0]
-    assert result.metrics["val_acc"] > 0.9 and result.metrics["test_acc"] > 0.9
+    assert result.metrics["val_acc"] > 0.9
+    assert not any(key.startswith("test") for key in result.metrics)  # the test split is evaluate's
     # The same rows with shuffled labels carry no signal: the head learns nothing.
     data = loaded.data
     shuffled = data.train_group[torch.randperm(len(data.train_group), generator=torch.Generator().manual_seed(0))]

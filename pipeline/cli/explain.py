@@ -12,19 +12,7 @@ from pathlib import Path
 import click
 
 from ..cam import METHODS
-
-
-def _parse_weights(text: str | None) -> dict[str, str]:
-    """'resnet50=/models/r50.pth,mobilenet_v2=IMAGENET1K_V1' -> {name: value}."""
-    weights = {}
-    for item in (text or "").split(","):
-        if not item.strip():
-            continue
-        name, sep, value = item.partition("=")
-        if not sep or not value.strip():
-            raise click.BadParameter(f"expected name=FILE_OR_ENUM, got {item!r}", param_hint="--weights")
-        weights[name.strip()] = value.strip()
-    return weights
+from .options import parse_weight_pairs
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -70,13 +58,15 @@ def main(inputs, checkpoints, out, target, method, save_npy, batch_size, device,
     With --report: OUT/report.md, report.json and deletion_curves.png.
     """
     from ..backbones import WeightsUnavailable
-    from ..cam import CamError, ExplainConfig, explain_images
+    from ..cam import CamError
+    from ..explain_job import ExplainConfig, explain_images
+    from ..full_model import RebuildError
     from ..heads import CheckpointError, HeadMismatch
 
     def warn(message: str) -> None:
         click.echo(message, err=True)
 
-    weights_map = _parse_weights(weights)
+    weights_map = parse_weight_pairs(weights)
     try:
         if report:
             if inputs:
@@ -102,7 +92,7 @@ def main(inputs, checkpoints, out, target, method, save_npy, batch_size, device,
             inputs=list(inputs), checkpoints=list(checkpoints), out_dir=out, target=target, method=method,
             save_npy=save_npy, batch_size=batch_size, device=device, weights=weights_map, grid_rows=grid_rows),
             log=click.echo, warn=warn)
-    except (CamError, HeadMismatch, CheckpointError, WeightsUnavailable, FileNotFoundError, ValueError,
+    except (CamError, RebuildError, HeadMismatch, CheckpointError, WeightsUnavailable, FileNotFoundError, ValueError,
             OSError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"explained {summary['explained']} image(s) into {out}")

@@ -2,6 +2,7 @@
 
     featurize [DATA_DIR] -o features.h5     compute (resumes if interrupted)
     featurize merge SHARD.h5 ... -o OUT.h5  join shard files
+    featurize join A.h5 B.h5 ... -o OUT.h5  put per-backbone files of the same images together
     featurize info FEATURES.h5              what a feature file holds
 """
 
@@ -16,6 +17,7 @@ import click
 from ..backbones import DEFAULT_BACKBONES, DEFAULT_WEIGHTS, WeightsUnavailable, parse_backbones
 from ..dataset import parse_edges
 from ..store import SettingsMismatch
+from .options import parse_weight_pairs
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "sample" / "utkface"
 
@@ -43,13 +45,7 @@ def _parse_weights(text: str, backbones: tuple[str, ...]) -> dict[str, str | Non
     """'IMAGENET1K_V1' for all, or 'resnet50=/path.pth,mobilenet_v2=IMAGENET1K_V1'."""
     if "=" not in text:
         return {name: text for name in backbones}
-    weights = {name: DEFAULT_WEIGHTS for name in backbones}
-    for item in text.split(","):
-        name, _, value = item.partition("=")
-        if name.strip() not in backbones:
-            raise click.BadParameter(f"{name!r} is not one of the chosen backbones {backbones}", param_hint="--weights")
-        weights[name.strip()] = value.strip()
-    return weights
+    return {**{name: DEFAULT_WEIGHTS for name in backbones}, **parse_weight_pairs(text, list(backbones))}
 
 
 @main.command("run", context_settings={"help_option_names": ["-h", "--help"]})
@@ -149,6 +145,21 @@ def merge_command(shards, out):
     except (SettingsMismatch, ValueError, KeyError, OSError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"merged {result['shards']} shards into {out}: {result['written']} images")
+
+
+@main.command("join", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
+def join_command(files, out):
+    """Put the backbones of files over the same images (one featurize job per backbone) into one file."""
+    from ..store import join
+
+    try:
+        result = join(list(files), out)
+    except (SettingsMismatch, ValueError, KeyError, OSError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"joined {len(files)} files into {out}: {result['written']} images, "
+               f"backbones {', '.join(result['backbones'])}")
 
 
 @main.command("info", context_settings={"help_option_names": ["-h", "--help"]})

@@ -18,8 +18,9 @@ import click
 import numpy as np
 import torch
 
-from ..backbones import WeightsUnavailable, create_backbone, resolve_weights_id
-from ..dataset import find_images
+from ..backbones import WeightsUnavailable
+from ..dataset import collect_images
+from .options import parse_weight_pairs
 
 
 @dataclass
@@ -29,76 +30,37 @@ class Prediction:
     age: float | None          # years, for age-regression heads
 
 
-def collect_images(inputs: list[Path]) -> list[Path]:
-    """Folders (recursively, jpg/jpeg/png) and single files, in the order given, without repeats."""
-    files, seen = [], set()
-    for item in inputs:
-        if item.is_dir():
-            found = find_images(item)
-            if not found:
-                raise click.ClickException(f"folder {item} holds no .jpg, .jpeg or .png files")
-        elif item.exists():
-            found = [item]
-        else:
-            raise click.ClickException(f"{item} does not exist")
-        for path in found:
-            if path.resolve() not in seen:
-                seen.add(path.resolve())
-                files.append(path)
-    return files
-
-
 class Predictor:
-    """A checkpoint's backbones + head, ready to label decoded images.
+    """A checkpoint's full model (backbones + head, full_model.load_full_model), ready to label decoded images.
 
-    weights: optional {backbone: path or enum} overriding the ids in the checkpoint
-    (needed when the head was trained on features from a local weights file,
-    whose id holds only its name and hash); the checkpoint checks that they match.
+    weights: optional {backbone: path or enum}, needed when the head was trained
+    on features from a local weights file (the checkpoint holds only its name
+    and hash); they must have the id recorded in the checkpoint.
     """
 
     def __init__(self, checkpoint, weights: dict[str, str] | None = None, device: str = "auto"):
         from ..device import resolve_device
+        from ..full_model import load_full_model
 
-        self.checkpoint = checkpoint
-        self.meta = checkpoint.meta
         self.device = resolve_device(device)
-        weights = {**self.meta["weights"], **(weights or {})}
-        self.backbones = {}
-        for name in self.meta["backbones"]:
-            wanted = weights[name]
-            if str(wanted).startswith("file:"):
-                raise WeightsUnavailable(
-                    f"{name}: the head was trained on features from the local weights file {wanted}; "
-                    f"pass its path with --weights {name}=/path/to/file")
-            resolve_weights_id(name, wanted)  # readable error for a bad name or missing file, before building
-            self.backbones[name] = create_backbone(name, wanted).to(self.device)
-        # The checkpoint refuses backbones whose weights differ from those its features came from.
-        checkpoint.check_compatible({
-            "backbones": list(self.meta["backbones"]),
-            "weights": {name: model.weights_id for name, model in self.backbones.items()},
-            "group_edges": list(self.meta["group_edges"]),
-        })
-        self.head = checkpoint.head.eval()
+        self.model, self.checkpoint = load_full_model(checkpoint, weights, self.device)
+        self.meta = self.checkpoint.meta
 
     @torch.inference_mode()
     def __call__(self, views: torch.Tensor, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """views [B, 2, 3, S, S] -> (probabilities [B, C], ages [B] or None); with tta both views are averaged."""
-        from ..heads import assemble_features
-
         n_views = 2 if tta else 1
         x = views[:, :n_views].to(self.device).flatten(0, 1)  # [B * n_views, 3, S, S]
-        pooled = {}
-        for name, model in self.backbones.items():
-            # As featurize does: float16 autocast on CUDA, float32 on the CPU, so features match the cache.
-            with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
-                last, stages = model(x)
-            pooled[name] = (last.float().cpu(), stages.float().cpu())
-        features = assemble_features(pooled, list(self.meta["backbones"]), self.meta["feature_kind"])
-        probs = torch.softmax(self.head(features).float(), dim=1).reshape(len(views), n_views, -1).mean(1)
+        x = x.contiguous(memory_format=torch.channels_last)
+        # As featurize does: float16 autocast on CUDA, float32 on the CPU, so features match the cache.
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+            features = self.model.head_inputs(x)
+        features = features.float()
+        probs = torch.softmax(self.model.head(features).float(), dim=1).reshape(len(views), n_views, -1).mean(1)
         age = self.checkpoint.predict_age(features)
         if age is not None:
-            age = age.float().reshape(len(views), n_views).mean(1).numpy()
-        return probs.numpy(), age
+            age = age.float().reshape(len(views), n_views).mean(1).cpu().numpy()
+        return probs.cpu().numpy(), age
 
 
 def predict_files(predictor: Predictor, files: list[Path], decoder, batch_size: int, tta: bool = False,
@@ -141,23 +103,12 @@ def format_table(predictions: list[Prediction], class_names: list[str]) -> str:
     return "\n".join([fmt(header)] + [fmt(r) for r in rows])
 
 
-def _parse_weights(items: tuple[str, ...], backbones: list[str]) -> dict[str, str]:
-    weights = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or name.strip() not in backbones:
-            raise click.BadParameter(f"expected NAME=PATH_OR_ENUM with NAME one of {', '.join(backbones)}, got {item!r}",
-                                     param_hint="--weights")
-        weights[name.strip()] = value.strip()
-    return weights
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="Trained head (from train_head).")
 @click.option("--weights", multiple=True, metavar="NAME=PATH",
               help="Backbone weights to use instead of those named in the checkpoint; needed when they were a "
-                   "local file. Repeatable.")
+                   "local file, and checked against the id it records. Repeat, or comma-separate.")
 @click.option("--tta", is_flag=True, help="Average the plain and mirrored views' probabilities.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -167,7 +118,8 @@ def _parse_weights(items: tuple[str, ...], backbones: list[str]) -> dict[str, st
 def main(images, checkpoint, weights, tta, batch_size, device, decoder, out, quiet):
     """Label face IMAGES (files or folders) with an age group, its probabilities and, for age heads, the age."""
     from ..decode import make_decoder
-    from ..heads import HeadMismatch, load_checkpoint
+    from ..full_model import RebuildError
+    from ..heads import load_checkpoint
 
     if not checkpoint.exists():
         raise click.ClickException(f"checkpoint {checkpoint} does not exist")
@@ -175,22 +127,16 @@ def main(images, checkpoint, weights, tta, batch_size, device, decoder, out, qui
         ckpt = load_checkpoint(checkpoint)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise click.ClickException(f"cannot load checkpoint {checkpoint}: {err}") from err
-    files = collect_images(list(images))
+    files, problems = collect_images(images)
+    if problems:
+        raise click.ClickException("\n".join(f"{item}: {reason}" for item, reason in problems))
     try:
-        predictor = Predictor(ckpt, _parse_weights(weights, list(ckpt.meta["backbones"])), device)
+        predictor = Predictor(ckpt, parse_weight_pairs(weights, list(ckpt.meta["backbones"])), device)
         dec = make_decoder(decoder, predictor.device.type, batch_size)
-    except HeadMismatch as err:
-        raise click.ClickException(f"the backbone weights do not match checkpoint {checkpoint}:\n{err}") from err
+    except RebuildError as err:
+        raise click.ClickException(f"cannot rebuild the model of checkpoint {checkpoint}: {err}") from err
     except (WeightsUnavailable, ValueError, RuntimeError) as err:
         raise click.ClickException(str(err)) from err
-
-    from ..extract import PREPROCESSING
-
-    trained_with = ckpt.meta.get("preprocessing")
-    if trained_with and {k: v for k, v in trained_with.items() if k in PREPROCESSING} != \
-            {k: v for k, v in PREPROCESSING.items() if k in trained_with}:
-        click.echo(f"warning: the head's features were made with preprocessing {trained_with}; "
-                   f"predict uses {PREPROCESSING}", err=True)
 
     predictions, failures = predict_files(predictor, files, dec, batch_size, tta)
     class_names = list(ckpt.meta["class_names"])

@@ -205,7 +205,7 @@ def main(features_file, backbones, out, feature_kind, split_file, target, lr, ep
 
     varying = [k for k, values in grid.items() if len(values) > 1]
     shown = ["rank", *varying, "best_epoch", "train_acc", "val_acc", "val_loss"]
-    shown += [c for c in ("val_mae", "test_acc", "test_mae") if c in columns]
+    shown += [c for c in ("val_mae",) if c in columns]
     if not quiet and len(configs) == 1:
         click.echo(_format_table(best.history, list(best.history[0])))
         click.echo(f"kept epoch {best.best_epoch} (best validation accuracy)")

@@ -1,0 +1,116 @@
+"""The full model of a head checkpoint: frozen backbone(s) -> pooled features -> head.
+
+`load_full_model` rebuilds, from a head checkpoint, the model whose scores the
+head was trained to produce: the backbone(s) named in the checkpoint with the
+same weights id, the featurize preprocessing (`decode.preprocess_rgb`), global
+average pooling, `heads.assemble_features`, then the head. On an image its
+scores equal the head applied to the image's cached features, up to the
+float16 rounding of the cache. predict and explain both use it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import FrozenBackbone, create_backbone, resolve_weights_id
+from .constants import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
+from .heads import HeadCheckpoint, assemble_features, load_checkpoint
+
+
+class RebuildError(ValueError):
+    """The checkpoint's features cannot be reproduced here (preprocessing or weights), with the reason."""
+
+
+class FullModel(nn.Module):
+    """Image [B, 3, S, S] (normalized) -> group scores [B, C]: backbone(s), pooling, head.
+
+    Always in eval mode and never trainable: `train()` is a no-op, the head's
+    parameters are frozen like the backbones'.
+    """
+
+    def __init__(self, backbones: dict[str, FrozenBackbone], head: nn.Module, feature_kind: str,
+                 class_names: Sequence[str] = ()):
+        super().__init__()
+        self.names = list(backbones)
+        self.backbones = nn.ModuleDict(backbones)
+        self.head = head
+        self.feature_kind = feature_kind
+        self.class_names = list(class_names)
+        for p in self.head.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # dropout off, BatchNorm statistics fixed, whatever the caller does
+
+    @property
+    def cam_layers(self) -> dict[str, nn.Module]:
+        return {name: self.backbones[name].cam_layer for name in self.names}
+
+    def head_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, D_total] raw features, in the layout the head was trained on."""
+        pooled = {name: self.backbones[name](x) for name in self.names}
+        return assemble_features(pooled, self.names, self.feature_kind)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_inputs(x))
+
+
+def check_preprocessing(recorded: dict | None) -> None:
+    """Refuse a checkpoint whose features were made with other preprocessing than decode's."""
+    if not recorded:
+        return
+    problems = []
+    if "size" in recorded and int(recorded["size"]) != IMAGE_SIZE:
+        problems.append(f"size {recorded['size']} (decode uses {IMAGE_SIZE})")
+    for key, ours in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+        if key in recorded and not np.allclose(recorded[key], ours):
+            problems.append(f"{key} {recorded[key]} (decode uses {list(ours)})")
+    if "resize" in recorded and recorded["resize"] != "bilinear-antialias":
+        problems.append(f"resize {recorded['resize']!r} (decode uses 'bilinear-antialias')")
+    if problems:
+        raise RebuildError("the checkpoint's features were made with other preprocessing: " + "; ".join(problems))
+
+
+def choose_weights(meta: dict, overrides: dict[str, str] | None = None) -> dict[str, str | None]:
+    """The weights to rebuild each backbone with: the recorded id, or an override whose id matches it."""
+    overrides = overrides or {}
+    chosen = {}
+    for name in meta["backbones"]:
+        recorded = str(meta["weights"][name])
+        given = overrides.get(name)
+        if given is None:
+            if recorded.startswith("file:"):
+                raise RebuildError(f"{name} was featurized with weights from a file ({recorded}); "
+                                   f"pass --weights {name}=/path/to/file")
+            given = None if recorded == "none" else recorded
+        found = resolve_weights_id(name, given)
+        if found != recorded:
+            raise RebuildError(f"{name}: the head was trained on features from weights {recorded!r}; "
+                               f"{given!r} has id {found!r}")
+        chosen[name] = given
+    return chosen
+
+
+def load_full_model(checkpoint: str | Path | HeadCheckpoint, weights: dict[str, str] | None = None,
+                    device: str | torch.device = "cpu") -> tuple[FullModel, HeadCheckpoint]:
+    """Rebuild backbone(s) + pooling + head from a head checkpoint (a path or a loaded one).
+
+    Raises RebuildError when the checkpoint's features cannot be reproduced
+    (other preprocessing, weights that cannot be matched), and
+    WeightsUnavailable when the backbone weights cannot be loaded.
+    """
+    ckpt = checkpoint if isinstance(checkpoint, HeadCheckpoint) else load_checkpoint(checkpoint)
+    meta = ckpt.meta
+    check_preprocessing(meta.get("preprocessing"))
+    chosen = choose_weights(meta, weights)
+    backbones = {name: create_backbone(name, chosen[name]) for name in meta["backbones"]}
+    model = FullModel(backbones, ckpt.head, meta["feature_kind"], meta.get("class_names") or [])
+    # channels_last: 1.3-1.9x faster convolutions on CPU and GPU (see extract.BackboneRunner).
+    model = model.to(device).to(memory_format=torch.channels_last)
+    return model, ckpt
