@@ -155,7 +155,8 @@ def _wait_for_parts(parts: Path, proc: subprocess.Popen, timeout: float = 240) -
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
 def test_interrupted_run_resumes_to_the_same_file(tmp_path, how, fast):
     folder = tmp_path / "utk"
-    write_utk_folder(folder, [(7 * i) % 117 for i in range(30)])
+    # 40 batches: the signal must land while the job runs, even when this test process is slow to wake.
+    write_utk_folder(folder, [(7 * i) % 117 for i in range(80)])
     args = [folder, *fast, "--batch-size", "2", "--decoder", "torch"]
     out = tmp_path / "resumed.h5"
 
