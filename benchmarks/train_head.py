@@ -179,9 +179,12 @@ def timed(fn, sync=lambda: None):
 def subset(data: HeadData, fraction: float) -> HeadData:
     if fraction >= 1:
         return data
-    n, v = int(data.train.shape[0] * fraction), int(data.val.shape[0] * fraction)
-    return HeadData(data.train[:n], data.train_group[:n], data.train_age[:n], data.val[:v], data.val_group[:v],
-                    data.val_age[:v], n_classes=data.n_classes, group_edges=data.group_edges)
+    # Seeded random rows: a feature file's rows are sorted by path, i.e. by age, so a prefix is one group.
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randperm(data.train.shape[0], generator=gen)[:int(data.train.shape[0] * fraction)]
+    v = torch.randperm(data.val.shape[0], generator=gen)[:int(data.val.shape[0] * fraction)]
+    return HeadData(data.train[t], data.train_group[t], data.train_age[t], data.val[v], data.val_group[v],
+                    data.val_age[v], n_classes=data.n_classes, group_edges=data.group_edges)
 
 
 def main(argv=None) -> None:
