@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +131,20 @@ def _write_atomic(path: Path, data: bytes) -> None:
 # --------------------------------------------------------------------------- writing
 
 
+@contextmanager
+def _new_h5(out_path: Path):
+    """An HDF5 file written under a temporary name, renamed into place only when complete (removed on failure)."""
+    out_path = Path(out_path)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    try:
+        with h5py.File(tmp, "w") as h5:
+            yield h5
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, out_path)
+
+
 def _chunks(n: int, d: int) -> tuple[int, int, int] | None:
     """256-row chunks; an empty dataset (every image of a shard failed) cannot be chunked."""
     return (min(256, n), 2, d) if n else None
@@ -192,9 +207,7 @@ def assemble(out_path: Path, parts: PartsFolder, meta: dict[str, np.ndarray], wi
     kept = np.concatenate(kept_rows) if kept_rows else np.zeros(0, dtype=np.int64)
     skipped = list(skipped) + [(str(meta["path"][row]), reason) for row, reason in failed]
 
-    out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with h5py.File(tmp, "w") as h5:
+    with _new_h5(out_path) as h5:
         write_root_attrs(h5, settings, extra_attrs)
         write_meta(h5, {k: np.asarray(v)[kept] for k, v in meta.items()})
         write_skipped(h5, skipped)
@@ -207,7 +220,6 @@ def assemble(out_path: Path, parts: PartsFolder, meta: dict[str, np.ndarray], wi
                     h5[f"features/{name}"][row:row + n] = batch[f"features_{name}"]
                     h5[f"stages/{name}"][row:row + n] = batch[f"stages_{name}"]
             row += n
-    os.replace(tmp, out_path)
     return {"written": int(len(kept)), "skipped": skipped}
 
 
@@ -215,9 +227,7 @@ def write_feature_file(out_path: Path, settings: dict, meta: dict[str, np.ndarra
                        features: dict[str, np.ndarray], stages: dict[str, np.ndarray],
                        skipped: list[tuple[str, str]] = (), extra_attrs: dict | None = None) -> None:
     """Write a whole feature file from in-memory arrays (small files, tests, tools)."""
-    out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with h5py.File(tmp, "w") as h5:
+    with _new_h5(out_path) as h5:
         write_root_attrs(h5, settings, extra_attrs or {})
         write_meta(h5, meta)
         write_skipped(h5, list(skipped))
@@ -227,7 +237,6 @@ def write_feature_file(out_path: Path, settings: dict, meta: dict[str, np.ndarra
         for name in features:
             h5[f"features/{name}"][...] = features[name]
             h5[f"stages/{name}"][...] = stages[name]
-    os.replace(tmp, out_path)
 
 
 def merge(shard_paths: list[Path], out_path: Path) -> dict:
@@ -251,12 +260,10 @@ def merge(shard_paths: list[Path], out_path: Path) -> dict:
         missing = sorted(set(range(count)) - set(indices))
         raise ValueError(f"merge needs all {count} shards; missing {missing}, got {indices}")
 
-    out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".tmp")
     sources = [h5py.File(p, "r") for p, _, _ in shards]
     try:
         total = sum(len(s["meta/age"]) for s in sources)
-        with h5py.File(tmp, "w") as h5:
+        with _new_h5(out_path) as h5:
             extra = {k: v for k, v in sources[0].attrs.items() if k not in _ROOT_ATTRS + ("shard", "shard_rows")}
             write_root_attrs(h5, settings, {**extra, "shard": json.dumps({"index": 0, "count": 1}),
                                             "merged_from": json.dumps([str(p) for p, _, _ in shards])})
@@ -264,21 +271,10 @@ def merge(shard_paths: list[Path], out_path: Path) -> dict:
             write_skipped(h5, [row for s in sources for row in read_skipped(s)])
             for group in ("features", "stages"):
                 for name in sources[0][group]:
-                    first = sources[0][f"{group}/{name}"]
-                    out = h5.create_dataset(f"{group}/{name}", shape=(total,) + first.shape[1:], dtype=first.dtype,
-                                            chunks=_chunks(total, first.shape[2]))
-                    out.attrs.update(dict(first.attrs))
-                    row = 0
-                    for s in sources:
-                        src = s[f"{group}/{name}"]
-                        for lo in range(0, len(src), 4096):
-                            block = src[lo:lo + 4096]
-                            out[row:row + len(block)] = block
-                            row += len(block)
+                    _copy_rows([s[f"{group}/{name}"] for s in sources], h5, f"{group}/{name}")
     finally:
         for s in sources:
             s.close()
-    os.replace(tmp, out_path)
     return {"written": total, "shards": len(shards)}
 
 
@@ -314,11 +310,9 @@ def join(paths: list[Path], out_path: Path) -> dict:
 
     joined = {**same(first), "backbones": backbones,
               "weights": {name: s["weights"][name] for s in settings for name in s["backbones"]}}
-    out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".tmp")
     sources = [h5py.File(p, "r") for p in paths]
     try:
-        with h5py.File(tmp, "w") as h5:
+        with _new_h5(out_path) as h5:
             # Where each backbone was computed (node, decoder, library versions) can differ per file.
             origins = [{"path": str(p), "fingerprint": s["fingerprint"],
                         **{k: _plain(src.attrs[k]) for k in ("versions", "data_dir", "decoder_device") if k in src.attrs}}
@@ -330,14 +324,10 @@ def join(paths: list[Path], out_path: Path) -> dict:
             for source, s in zip(sources, settings):
                 for name in s["backbones"]:
                     for group in ("features", "stages"):
-                        _copy_blockwise(source[f"{group}/{name}"], h5, f"{group}/{name}")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+                        _copy_rows([source[f"{group}/{name}"]], h5, f"{group}/{name}")
     finally:
         for source in sources:
             source.close()
-    os.replace(tmp, out_path)
     return {"written": len(first_meta["age"]), "backbones": backbones}
 
 
@@ -353,11 +343,19 @@ def _plain(value):
     return value.tolist() if hasattr(value, "tolist") else value
 
 
-def _copy_blockwise(src: h5py.Dataset, h5: h5py.File, name: str) -> None:
-    out = h5.create_dataset(name, shape=src.shape, dtype=src.dtype, chunks=_chunks(len(src), src.shape[2]))
-    out.attrs.update(dict(src.attrs))
-    for lo in range(0, len(src), 4096):  # bounded memory on big files
-        out[lo:lo + 4096] = src[lo:lo + 4096]
+def _copy_rows(sources: list[h5py.Dataset], h5: h5py.File, name: str) -> None:
+    """One new dataset holding the rows of `sources` in order (attributes from the first), copied in blocks."""
+    first = sources[0]
+    total = sum(len(src) for src in sources)
+    out = h5.create_dataset(name, shape=(total,) + first.shape[1:], dtype=first.dtype,
+                            chunks=_chunks(total, first.shape[2]))
+    out.attrs.update(dict(first.attrs))
+    row = 0
+    for src in sources:
+        for lo in range(0, len(src), 4096):  # bounded memory on big files
+            block = src[lo:lo + 4096]
+            out[row:row + len(block)] = block
+            row += len(block)
 
 
 # --------------------------------------------------------------------------- reading
