@@ -15,6 +15,7 @@ Prints a Markdown table with the machine (CPU model, cores, torch version, git c
     python benchmarks/train_head.py                       # ~2-3 minutes on a 2-core CPU
     python benchmarks/train_head.py --features utk.h5 --backbones mobilenet_v2
     python benchmarks/train_head.py --quick               # smaller, for a smoke test
+    python benchmarks/train_head.py --profile --backbones mobilenet_v2   # time per op of one epoch
 """
 
 from __future__ import annotations
@@ -187,6 +188,19 @@ def subset(data: HeadData, fraction: float) -> HeadData:
                     data.val_age[v], n_classes=data.n_classes, group_edges=data.group_edges)
 
 
+def profile_step(data: HeadData) -> None:
+    """Where a training step's time goes: one epoch of the paper's recipe under torch.profiler."""
+    from torch.profiler import profile
+
+    train_heads(data, [HeadConfig(epochs=1)])  # warm up
+    with profile(record_shapes=True) as prof:
+        train_heads(data, [HeadConfig(epochs=1)])
+    steps = -(-data.train.shape[0] // 32)
+    print(f"one epoch = {steps} steps of batch 32; divide an op's total by {steps} for its cost per step")
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=16,
+                                                             max_name_column_width=24, max_shapes_column_width=60))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--features", type=Path, help="a feature file made by featurize (default: synthetic)")
@@ -204,6 +218,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="2 epochs, 1/4 of the rows, 8-config sweep")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile one epoch of the paper's recipe on the first backbone: time per op and shape")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -234,6 +250,10 @@ def main(argv=None) -> None:
         if args.features:
             return load_training_data(args.features, [name], "last").data.to(device), "real"
         return synthetic(WIDTHS[name], rows).to(device), "synthetic"
+
+    if args.profile:
+        profile_step(get_data(names[0])[0])
+        return
 
     table = []
     for name in names:

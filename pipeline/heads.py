@@ -32,7 +32,8 @@ Features: `load_features` / `load_head_inputs` read [N, 2, D_total] (view 0
 plain, view 1 mirrored; backbones concatenated in order) from a feature file;
 `assemble_features` builds the same layout from live backbone outputs;
 `load_training_data` reads a file once into `HeadData` (train rows with both
-views, val/test plain), with an optional split file overriding the stored split.
+views, val plain; test rows stay on disk for evaluate), with an optional split
+file overriding the stored split.
 """
 
 from __future__ import annotations
@@ -297,16 +298,16 @@ def load_head_inputs(feature_file, meta: dict) -> torch.Tensor:
 
 @dataclass
 class HeadData:
-    """Features in memory once, split into the rows each stage needs (float32, on one device)."""
+    """Training and validation features in memory once (float32, on one device).
+
+    Test rows are left out: heads are chosen on validation only; evaluate scores test.
+    """
     train: torch.Tensor          # [n_train, 2, D]  view 0 plain, 1 mirrored
     train_group: torch.Tensor    # [n_train] int64
     train_age: torch.Tensor      # [n_train] float32
     val: torch.Tensor            # [n_val, D]  plain view
     val_group: torch.Tensor
     val_age: torch.Tensor
-    test: torch.Tensor | None = None
-    test_group: torch.Tensor | None = None
-    test_age: torch.Tensor | None = None
     n_classes: int = 4
     group_edges: tuple = (25, 50, 75, 116)
     _standardized: dict = field(default_factory=dict, repr=False)
@@ -315,7 +316,7 @@ class HeadData:
     def from_arrays(cls, features: np.ndarray, groups, ages, splits, group_edges, device="cpu") -> "HeadData":
         splits = np.asarray(splits, dtype=object)
         groups, ages = np.asarray(groups), np.asarray(ages)
-        rows = {s: np.flatnonzero(splits == s) for s in ("train", "val", "test")}
+        rows = {s: np.flatnonzero(splits == s) for s in ("train", "val")}
         for s in ("train", "val"):
             if len(rows[s]) == 0:
                 raise ValueError(f"no {s} rows: the split assigns none (check --split-file)")
@@ -328,9 +329,7 @@ class HeadData:
             return (torch.from_numpy(groups[rows[s]].astype(np.int64)).to(device),
                     torch.from_numpy(ages[rows[s]].astype(np.float32)).to(device))
 
-        has_test = len(rows["test"]) > 0
         return cls(pick("train"), *labels("train"), pick("val", 0), *labels("val"),
-                   *((pick("test", 0), *labels("test")) if has_test else (None, None, None)),
                    n_classes=len(group_edges), group_edges=tuple(int(e) for e in group_edges))
 
     def to(self, device) -> "HeadData":
@@ -356,13 +355,12 @@ class HeadData:
         return self._standardized["stats"]
 
     def tables(self, standardize: bool):
-        """(train [n, 2, D], val, test) as the head's first layer sees them."""
+        """(train [n, 2, D], val [n_val, D]) as the head's first layer sees them."""
         if not standardize:
-            return self.train, self.val, self.test
+            return self.train, self.val
         if "tables" not in self._standardized:
             mean, std = self.standardization()
-            z = lambda x: None if x is None else (x - mean) / std  # noqa: E731
-            self._standardized["tables"] = (z(self.train), z(self.val), z(self.test))
+            self._standardized["tables"] = ((self.train - mean) / std, (self.val - mean) / std)
         return self._standardized["tables"]
 
     def class_weights(self) -> torch.Tensor:
@@ -385,7 +383,7 @@ class TrainingSet:
 
 
 def load_training_data(feature_file, backbones, kind: str = "last", split_file=None, device="cpu") -> TrainingSet:
-    """Read the features once and split them into train/val/test tensors (split file overrides the file's split)."""
+    """Read the features once and keep the train and val rows as tensors (a split file overrides the file's split)."""
     settings = store.read_settings(feature_file)
     missing = [b for b in backbones if b not in settings["backbones"]]
     if missing:

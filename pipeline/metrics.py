@@ -262,6 +262,7 @@ class Evaluation:
             "class_names": list(m["class_names"]),
             "group_edges": list(m["group_edges"]),
             "best_epoch": m.get("best_epoch"),
+            **({"members": list(m["members"])} if "members" in m else {}),
             "split": self.split,
             "tta": self.tta,
             **self.metrics,
@@ -306,6 +307,48 @@ def evaluate_checkpoint(checkpoint, name: str, checkpoint_path, inputs: FeatureI
                       ages_true=ages_true, ages_pred=ages_pred, warnings=warnings)
 
 
+def ensemble_evaluation(members: list[Evaluation], name: str = "ensemble") -> Evaluation:
+    """Score the mean of several heads' probabilities (after their TTA, if any) as one more head.
+
+    Members must score the same rows with the same age groups; each may use
+    its own backbones and feature kind. Ages are averaged when every member
+    predicts one. Raises ValueError otherwise.
+    """
+    if len(members) < 2:
+        raise ValueError("an ensemble needs at least two checkpoints")
+    first = members[0]
+    for ev in members[1:]:
+        if list(ev.meta["class_names"]) != list(first.meta["class_names"]):
+            raise ValueError(f"{ev.checkpoint_path} predicts groups {list(ev.meta['class_names'])}, "
+                             f"{first.checkpoint_path} predicts {list(first.meta['class_names'])}")
+        if ev.paths != first.paths:
+            raise ValueError(f"{ev.checkpoint_path} and {first.checkpoint_path} were scored on different rows")
+    probs = np.mean([ev.probs for ev in members], axis=0)
+    metrics = classification_metrics(first.y_true, probs, list(first.meta["class_names"]))
+    metrics["mae"] = metrics["mean_age_error"] = None
+    ages_pred = None
+    if all(ev.ages_pred is not None for ev in members):
+        ages_pred = np.mean([ev.ages_pred for ev in members], axis=0)
+        am = age_metrics(first.ages_true, ages_pred)
+        metrics["mae"], metrics["mean_age_error"] = am["mae"], am["mean_error"]
+    backbones = list(dict.fromkeys(b for ev in members for b in ev.meta["backbones"]))
+    kinds = list(dict.fromkeys(str(ev.meta.get("feature_kind")) for ev in members))
+    meta = {
+        "backbones": backbones,
+        "weights": {b: w for ev in members for b, w in ev.meta.get("weights", {}).items()},
+        "feature_kind": "+".join(kinds),
+        "target": "+".join(dict.fromkeys(ev.meta.get("target", "group") for ev in members)),
+        "class_names": list(first.meta["class_names"]),
+        "group_edges": list(first.meta["group_edges"]),
+        "members": [ev.checkpoint_path for ev in members],
+    }
+    warnings = [f"{ev.name}: {w}" for ev in members for w in ev.warnings]
+    return Evaluation(name=name, checkpoint_path=" + ".join(ev.checkpoint_path for ev in members), meta=meta,
+                      split=first.split, tta=first.tta, metrics=metrics, paths=list(first.paths),
+                      y_true=first.y_true, probs=probs, ages_true=first.ages_true, ages_pred=ages_pred,
+                      warnings=warnings)
+
+
 # --------------------------------------------------------------------------- comparison table
 
 
@@ -317,7 +360,7 @@ def paper_accuracy(meta: dict) -> float | None:
     """The paper's test accuracy for a comparable head: one backbone, last-stage features, default groups."""
     from .constants import DEFAULT_GROUP_EDGES, PAPER_TEST_ACCURACY
 
-    if len(meta["backbones"]) != 1 or list(meta["group_edges"]) != list(DEFAULT_GROUP_EDGES):
+    if len(meta["backbones"]) != 1 or list(meta["group_edges"]) != list(DEFAULT_GROUP_EDGES) or "members" in meta:
         return None
     return PAPER_TEST_ACCURACY.get(meta["backbones"][0])
 

@@ -377,7 +377,7 @@ def _train_stack(data: HeadData, configs: list[HeadConfig], keep: str = "best") 
     device = data.device
     K, B, C = len(configs), cfg0.batch_size, data.n_classes
     regression = cfg0.target == "age"
-    train, val, _ = data.tables(cfg0.standardize)  # test rows stay for evaluate: chosen on val only
+    train, val = data.tables(cfg0.standardize)
     n, D = train.shape[0], train.shape[2]
     table = train.reshape(2 * n, D)  # row 2i: image i plain, 2i+1: mirrored
     sizes = [D, *cfg0.hidden, 1 if regression else C]

@@ -285,6 +285,34 @@ def test_split_file_and_val_split(features, checkpoints, tmp_path):
     assert val.warnings == []
 
 
+def test_ensemble_scores_the_mean_of_its_members_probabilities(features, checkpoints, tmp_path):
+    out = tmp_path / "ens"
+    result = run(evaluate_main, [checkpoints["group"], checkpoints["age"], "--features", features, "--tta",
+                                 "--ensemble", "-o", out])
+    assert result.exit_code == 0, result.output
+    everything = json.loads((out / "metrics.json").read_text())
+    got = everything["checkpoints"]["ensemble"]
+    (p_group, y, _, _, _), (p_age, _, age_pred, ages, _) = (direct_probs(checkpoints[k], features, tta=True)
+                                                          for k in ("group", "age"))
+    mean = (p_group + p_age) / 2
+    pred = mean.argmax(1)
+    # The two members disagree somewhere, so the ensemble is not just one of them.
+    assert np.any(pred != p_group.argmax(1)) or np.any(pred != p_age.argmax(1))
+    assert got["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert got["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert got["members"] == [str(checkpoints["group"]), str(checkpoints["age"])]
+    assert got["mae"] is None  # only one member predicts an age
+    assert got["backbones"] == ["mobilenet_v2", "resnet50"] and got["feature_kind"] == "last+both"
+    rows = read_csv(out / "ensemble" / "predictions.csv")
+    names = group_names(read_settings(features)["group_edges"])
+    np.testing.assert_allclose([[float(r[f"p_{n}"]) for n in names] for r in rows], mean, atol=2e-6)
+    assert (out / "ensemble" / "confusion.png").exists() and not (out / "ensemble" / "curves.png").exists()
+    assert "ensemble" in result.output and "| ensemble |" in (out / "comparison.md").read_text()
+
+    result = run(evaluate_main, [checkpoints["group"], "--features", features, "--ensemble", "-o", tmp_path / "o"])
+    assert result.exit_code == 1 and "--ensemble needs at least two checkpoints" in result.output
+
+
 def test_mismatched_checkpoint_and_features_are_refused(checkpoints, tmp_path):
     other_weights = make_feature_file(tmp_path / "imagenet.h5", n=60, widths=SMALL, weights="IMAGENET1K_V1")
     result = run(evaluate_main, [checkpoints["group"], "--features", other_weights, "-o", tmp_path / "o1"])

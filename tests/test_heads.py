@@ -104,7 +104,7 @@ def reference_train(data: HeadData, cfg: HeadConfig) -> tuple[list[torch.Tensor]
     ps = [t.clone().requires_grad_() for pair in init_params(g, [data.dim, *cfg.hidden, out]) for t in pair]
     opt = (torch.optim.AdamW(ps, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.weight_decay
            else torch.optim.Adam(ps, lr=cfg.lr))
-    train, _, _ = data.tables(cfg.standardize)
+    train, _ = data.tables(cfg.standardize)
     n, batch = train.shape[0], cfg.batch_size
     total = math.ceil(n / batch) * cfg.epochs
     factor = (lambda t: 0.5 * (1 + math.cos(math.pi * t / total))) if cfg.schedule == "cosine" else (lambda t: 1.0)

@@ -1,9 +1,11 @@
 """`evaluate`: score trained heads on a split of a feature file; write figures, tables and JSON.
 
-    evaluate CHECKPOINT [CHECKPOINT...] --features FEATURES.h5 [--split test|val] [--split-file CSV] [--tta] -o OUT/
+    evaluate CHECKPOINT [CHECKPOINT...] --features FEATURES.h5 [--split test|val] [--split-file CSV] [--tta]
+             [--ensemble] -o OUT/
 
 Writes OUT/<checkpoint>/{metrics.json, predictions.csv, confusion.png, curves.png, reliability.png},
 OUT/comparison.md (one row per checkpoint, the paper's Table 1 beside ours) and OUT/metrics.json (all numbers).
+With --ensemble, one more row, OUT/ensemble/, scores the mean of all the checkpoints' probabilities.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 import click
 
 from .. import figures
-from ..metrics import N_BINS, FeatureInputs, comparison_markdown, evaluate_checkpoint, terminal_table
+from ..metrics import (N_BINS, FeatureInputs, comparison_markdown, ensemble_evaluation, evaluate_checkpoint,
+                       terminal_table)
 
 DEFINITIONS = {
     "accuracy": "share of rows whose predicted group (argmax of the probabilities) is the true group",
@@ -26,6 +29,7 @@ DEFINITIONS = {
     "mae": "mean absolute error in years of the predicted age (age-regression heads only, else null)",
     "mean_age_error": "mean of predicted minus true age in years (age-regression heads only, else null)",
     "tta": "if true, the plain and mirrored views' probabilities (and ages) are averaged",
+    "ensemble": "the mean of its members' probabilities (after TTA, if any); ages averaged if every member has one",
 }
 
 
@@ -91,13 +95,18 @@ def _dump(data, path: Path) -> None:
 @click.option("--split-file", type=click.Path(path_type=Path, dir_okay=False),
               help="CSV with columns file,split; its --split rows are scored instead of the file's own split.")
 @click.option("--tta", is_flag=True, help="Average the plain and mirrored views' probabilities (both are cached).")
+@click.option("--ensemble", is_flag=True,
+              help="Also score the mean of all the checkpoints' probabilities, as one more row named 'ensemble' "
+                   "(e.g. heads of several seeds or backbones; choose its members on --split val).")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Output folder.")
-def main(checkpoints, features, split, split_file, tta, out):
+def main(checkpoints, features, split, split_file, tta, ensemble, out):
     """Score head CHECKPOINTs on a split of FEATURES; write figures, a comparison table and JSON."""
     from ..heads import HeadMismatch
 
     checkpoints = [Path(p) for p in checkpoints]
+    if ensemble and len(checkpoints) < 2:
+        raise click.ClickException("--ensemble needs at least two checkpoints")
     if split_file is not None and not split_file.is_file():
         raise click.ClickException(f"split file {split_file} does not exist")
     try:
@@ -122,6 +131,13 @@ def main(checkpoints, features, split, split_file, tta, out):
         except ValueError as err:
             raise click.ClickException(f"{path}: {err}") from err
         evaluations.append(ev)
+    if ensemble:
+        taken = set(unique_names(checkpoints))
+        name = next(n for n in ("ensemble", *(f"ensemble_{i}" for i in range(2, len(taken) + 3))) if n not in taken)
+        try:
+            evaluations.append(ensemble_evaluation(evaluations, name))
+        except ValueError as err:
+            raise click.ClickException(f"cannot ensemble these checkpoints: {err}") from err
 
     out.mkdir(parents=True, exist_ok=True)
     everything = {
@@ -130,6 +146,7 @@ def main(checkpoints, features, split, split_file, tta, out):
         "split": split,
         "split_file": None if split_file is None else str(split_file),
         "tta": tta,
+        "ensemble": ensemble,
         "definitions": DEFINITIONS,
         "checkpoints": {},
     }
@@ -139,7 +156,9 @@ def main(checkpoints, features, split, split_file, tta, out):
         summary = ev.summary()
         title = f"{ev.name} ({'+'.join(ev.meta['backbones'])}, {ev.split}{' +TTA' if tta else ''})"
         figures.confusion_figure(ev.metrics["confusion"], list(ev.meta["class_names"]), folder / "confusion.png", title)
-        figures.curves_figure(ev.meta.get("history") or [], ev.meta.get("best_epoch"), folder / "curves.png", ev.name)
+        if "members" not in ev.meta:  # an ensemble has no training history of its own
+            figures.curves_figure(ev.meta.get("history") or [], ev.meta.get("best_epoch"), folder / "curves.png",
+                                  ev.name)
         figures.reliability_figure(ev.metrics["calibration"], folder / "reliability.png", ev.name)
         write_predictions(ev, folder / "predictions.csv")
         _dump(summary, folder / "metrics.json")
