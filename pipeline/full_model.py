@@ -98,9 +98,12 @@ def choose_weights(meta: dict, overrides: dict[str, str] | None = None) -> dict[
 
 
 def load_full_model(checkpoint: str | Path | HeadCheckpoint, weights: dict[str, str] | None = None,
-                    device: str | torch.device = "cpu") -> tuple[FullModel, HeadCheckpoint]:
+                    device: str | torch.device = "cpu",
+                    shared: dict[tuple[str, str], FrozenBackbone] | None = None) -> tuple[FullModel, HeadCheckpoint]:
     """Rebuild backbone(s) + pooling + head from a head checkpoint (a path or a loaded one).
 
+    shared: {(backbone, weights id): backbone} built for earlier checkpoints; reused, and
+    filled with the backbones built here, so that several heads hold one copy of each.
     Raises RebuildError when the checkpoint's features cannot be reproduced
     (other preprocessing, weights that cannot be matched), and
     WeightsUnavailable when the backbone weights cannot be loaded.
@@ -109,7 +112,13 @@ def load_full_model(checkpoint: str | Path | HeadCheckpoint, weights: dict[str, 
     meta = ckpt.meta
     check_preprocessing(meta.get("preprocessing"))
     chosen = choose_weights(meta, weights)
-    backbones = {name: create_backbone(name, chosen[name]) for name in meta["backbones"]}
+    shared = {} if shared is None else shared
+    backbones = {}
+    for name in meta["backbones"]:
+        key = (name, str(meta["weights"][name]))  # choose_weights checked that the weights have this id
+        if key not in shared:
+            shared[key] = create_backbone(name, chosen[name])
+        backbones[name] = shared[key]
     model = FullModel(backbones, ckpt.head, meta["feature_kind"], meta.get("class_names") or [])
     # channels_last: 1.3-1.9x faster convolutions on CPU and GPU (see extract.BackboneRunner).
     model = model.to(device).to(memory_format=torch.channels_last)

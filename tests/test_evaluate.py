@@ -431,6 +431,31 @@ def test_predict_tta_averages_the_mirrored_view(image_head, tmp_path):
     np.testing.assert_allclose(got, probs, atol=1e-5)
 
 
+def test_predict_ensemble_averages_the_heads_and_runs_each_backbone_once(image_head, tmp_path):
+    root, images, feats, heads, _ = image_head
+    group_probs, _ = expected(heads["group"], feats)
+    age_probs, ages = expected(heads["age"], feats)
+    mean = (group_probs + age_probs) / 2
+    assert not np.allclose(mean, group_probs, atol=1e-3)  # the second head changes the answer
+    out = tmp_path / "ensemble.csv"
+    result = run(predict_main, [root / "faces", "--checkpoint", heads["group"], "--checkpoint", heads["age"],
+                                "--decoder", "torch", "--device", "cpu", "-o", out, "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = {Path(r["file"]).name: r for r in read_csv(out)}
+    names = group_names([25, 50, 75, 116])
+    np.testing.assert_allclose([[float(rows[p.name][f"p_{n}"]) for n in names] for p in images], mean, atol=1e-5)
+    assert "age" not in next(iter(rows.values()))  # only one of the two heads predicts an age
+
+    from pipeline.cli.predict import Predictor
+    predictor = Predictor([load_checkpoint(heads["group"]), load_checkpoint(heads["age"])], device="cpu")
+    assert list(predictor.backbones) == [("mobilenet_v2", "none")]  # one backbone serves both heads
+    both_age, age_alone = (Predictor([load_checkpoint(heads["age"])] * n, device="cpu") for n in (2, 1))
+    x = preprocess_rgb([load_rgb(p) for p in images])
+    views = torch.stack([x, x.flip(-1)], 1)
+    np.testing.assert_allclose(both_age(views)[1], age_alone(views)[1], atol=1e-4)
+    np.testing.assert_allclose(age_alone(views)[1], ages, atol=0.01)
+
+
 def test_predict_reports_unreadable_images_and_predicts_the_rest(image_head, tmp_path):
     _, images, _, heads, _ = image_head
     folder = tmp_path / "mixed"

@@ -1,9 +1,10 @@
 """`predict`: label new face images with a trained head and its frozen backbones.
 
-    predict IMAGES_OR_FOLDER... --checkpoint HEAD [--tta] [-o predictions.csv]
+    predict IMAGES_OR_FOLDER... --checkpoint HEAD [--checkpoint HEAD...] [--tta] [-o predictions.csv]
 
 The image goes through the same steps as during featurize (decode, resize,
 normalize; backbones as recorded in the checkpoint) and then through the head.
+Several --checkpoint heads are an ensemble: their probabilities are averaged.
 Folders are searched recursively for .jpg, .jpeg and .png files. Files that
 cannot be read are reported by name; the others are still predicted.
 """
@@ -20,6 +21,7 @@ import torch
 
 from ..backbones import WeightsUnavailable
 from ..dataset import collect_images
+from ..heads import assemble_features
 from .options import parse_weight_pairs
 
 
@@ -31,20 +33,31 @@ class Prediction:
 
 
 class Predictor:
-    """A checkpoint's full model (backbones + head, full_model.load_full_model), ready to label decoded images.
+    """The full model of one or more head checkpoints (full_model.load_full_model), ready to label decoded images.
 
-    weights: optional {backbone: path or enum}, needed when the head was trained
+    Several checkpoints make an ensemble: each backbone is built and run once
+    per batch, each head reads its own features from those outputs, and the
+    heads' probabilities are averaged (ages too, when every head predicts one),
+    as `evaluate --ensemble` does on cached features.
+    weights: optional {backbone: path or enum}, needed when a head was trained
     on features from a local weights file (the checkpoint holds only its name
     and hash); they must have the id recorded in the checkpoint.
     """
 
-    def __init__(self, checkpoint, weights: dict[str, str] | None = None, device: str = "auto"):
+    def __init__(self, checkpoints, weights: dict[str, str] | None = None, device: str = "auto"):
         from ..device import resolve_device
         from ..full_model import load_full_model
 
+        checkpoints = checkpoints if isinstance(checkpoints, (list, tuple)) else [checkpoints]
         self.device = resolve_device(device)
-        self.model, self.checkpoint = load_full_model(checkpoint, weights, self.device)
+        self.backbones = {}  # (name, weights id) -> backbone, shared by the heads
+        self.members = [load_full_model(c, weights, self.device, self.backbones) for c in checkpoints]
+        self.checkpoint = self.members[0][1]
         self.meta = self.checkpoint.meta
+        for _, ckpt in self.members[1:]:
+            if list(ckpt.meta["class_names"]) != list(self.meta["class_names"]):
+                raise ValueError(f"the heads predict different groups: {list(self.meta['class_names'])} and "
+                                 f"{list(ckpt.meta['class_names'])}")
 
     @torch.inference_mode()
     def __call__(self, views: torch.Tensor, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
@@ -54,13 +67,18 @@ class Predictor:
         x = x.contiguous(memory_format=torch.channels_last)
         # As featurize does: float16 autocast on CUDA, float32 on the CPU, so features match the cache.
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
-            features = self.model.head_inputs(x)
-        features = features.float()
-        probs = torch.softmax(self.model.head(features).float(), dim=1).reshape(len(views), n_views, -1).mean(1)
-        age = self.checkpoint.predict_age(features)
-        if age is not None:
-            age = age.float().reshape(len(views), n_views).mean(1).cpu().numpy()
-        return probs.cpu().numpy(), age
+            pooled = {key: backbone(x) for key, backbone in self.backbones.items()}
+        probs, ages = [], []
+        for model, ckpt in self.members:
+            own = {name: pooled[(name, str(ckpt.meta["weights"][name]))] for name in model.names}
+            features = assemble_features(own, model.names, model.feature_kind).float()
+            p = torch.softmax(model.head(features).float(), dim=1)
+            probs.append(p.reshape(len(views), n_views, -1).mean(1))
+            age = ckpt.predict_age(features)
+            ages.append(None if age is None else age.float().reshape(len(views), n_views).mean(1))
+        prob = torch.stack(probs).mean(0).cpu().numpy()
+        age = None if any(a is None for a in ages) else torch.stack(ages).mean(0).cpu().numpy()
+        return prob, age
 
 
 def predict_files(predictor: Predictor, files: list[Path], decoder, batch_size: int, tta: bool = False,
@@ -103,9 +121,16 @@ def format_table(predictions: list[Prediction], class_names: list[str]) -> str:
     return "\n".join([fmt(header)] + [fmt(r) for r in rows])
 
 
+def _which(checkpoints) -> str:
+    names = ", ".join(str(c) for c in checkpoints)
+    return f"checkpoint {names}" if len(checkpoints) == 1 else f"checkpoints {names}"
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="Trained head (from train_head).")
+@click.option("--checkpoint", "checkpoints", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="Trained head (from train_head). Repeat to average several heads' probabilities (an ensemble, "
+                   "as evaluate --ensemble); backbones they share run once.")
 @click.option("--weights", multiple=True, metavar="NAME=PATH",
               help="Backbone weights to use instead of those named in the checkpoint; needed when they were a "
                    "local file, and checked against the id it records. Repeat, or comma-separate.")
@@ -115,31 +140,34 @@ def format_table(predictions: list[Prediction], class_names: list[str]) -> str:
 @click.option("--decoder", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
 @click.option("-o", "--out", type=click.Path(path_type=Path, dir_okay=False), help="Write a CSV here.")
 @click.option("--quiet", is_flag=True, help="Do not print the table.")
-def main(images, checkpoint, weights, tta, batch_size, device, decoder, out, quiet):
+def main(images, checkpoints, weights, tta, batch_size, device, decoder, out, quiet):
     """Label face IMAGES (files or folders) with an age group, its probabilities and, for age heads, the age."""
     from ..decode import make_decoder
     from ..full_model import RebuildError
     from ..heads import load_checkpoint
 
-    if not checkpoint.exists():
-        raise click.ClickException(f"checkpoint {checkpoint} does not exist")
-    try:
-        ckpt = load_checkpoint(checkpoint)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise click.ClickException(f"cannot load checkpoint {checkpoint}: {err}") from err
+    loaded = []
+    for checkpoint in checkpoints:
+        if not checkpoint.exists():
+            raise click.ClickException(f"checkpoint {checkpoint} does not exist")
+        try:
+            loaded.append(load_checkpoint(checkpoint))
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise click.ClickException(f"cannot load checkpoint {checkpoint}: {err}") from err
     files, problems = collect_images(images)
     if problems:
         raise click.ClickException("\n".join(f"{item}: {reason}" for item, reason in problems))
+    backbones = list(dict.fromkeys(name for ckpt in loaded for name in ckpt.meta["backbones"]))
     try:
-        predictor = Predictor(ckpt, parse_weight_pairs(weights, list(ckpt.meta["backbones"])), device)
+        predictor = Predictor(loaded, parse_weight_pairs(weights, backbones), device)
         dec = make_decoder(decoder, predictor.device.type, batch_size)
     except RebuildError as err:
-        raise click.ClickException(f"cannot rebuild the model of checkpoint {checkpoint}: {err}") from err
+        raise click.ClickException(f"cannot rebuild the model of {_which(checkpoints)}: {err}") from err
     except (WeightsUnavailable, ValueError, RuntimeError) as err:
         raise click.ClickException(str(err)) from err
 
     predictions, failures = predict_files(predictor, files, dec, batch_size, tta)
-    class_names = list(ckpt.meta["class_names"])
+    class_names = list(predictor.meta["class_names"])
     if predictions and not quiet:
         click.echo(format_table(predictions, class_names))
     if out is not None:
