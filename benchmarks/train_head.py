@@ -195,8 +195,9 @@ def profile_step(data: HeadData) -> None:
     train_heads(data, [HeadConfig(epochs=1)])  # warm up
     with profile(record_shapes=True) as prof:
         train_heads(data, [HeadConfig(epochs=1)])
-    steps = -(-data.train.shape[0] // 32)
-    print(f"one epoch = {steps} steps of batch 32; divide an op's total by {steps} for its cost per step")
+    batch = HeadConfig().batch_size
+    steps = -(-data.train.shape[0] // batch)
+    print(f"one epoch = {steps} steps of batch {batch}; divide an op's total by {steps} for its cost per step")
     print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=16,
                                                              max_name_column_width=24, max_shapes_column_width=60))
 

@@ -310,9 +310,9 @@ def evaluate_checkpoint(checkpoint, name: str, checkpoint_path, inputs: FeatureI
 def ensemble_evaluation(members: list[Evaluation], name: str = "ensemble") -> Evaluation:
     """Score the mean of several heads' probabilities (after their TTA, if any) as one more head.
 
-    Members must score the same rows with the same age groups; each may use
-    its own backbones and feature kind. Ages are averaged when every member
-    predicts one. Raises ValueError otherwise.
+    Members must score the same rows with the same age groups (else ValueError);
+    each may use its own backbones and feature kind. Ages are averaged when
+    every member predicts one.
     """
     if len(members) < 2:
         raise ValueError("an ensemble needs at least two checkpoints")
@@ -335,18 +335,20 @@ def ensemble_evaluation(members: list[Evaluation], name: str = "ensemble") -> Ev
     kinds = list(dict.fromkeys(str(ev.meta.get("feature_kind")) for ev in members))
     meta = {
         "backbones": backbones,
-        "weights": {b: w for ev in members for b, w in ev.meta.get("weights", {}).items()},
+        # Members may use other weights for the same backbone: list each id once.
+        "weights": {b: ", ".join(dict.fromkeys(str(ev.meta["weights"][b]) for ev in members
+                                               if b in ev.meta.get("weights", {})))
+                    for b in backbones},
         "feature_kind": "+".join(kinds),
         "target": "+".join(dict.fromkeys(ev.meta.get("target", "group") for ev in members)),
         "class_names": list(first.meta["class_names"]),
         "group_edges": list(first.meta["group_edges"]),
         "members": [ev.checkpoint_path for ev in members],
     }
-    warnings = [f"{ev.name}: {w}" for ev in members for w in ev.warnings]
+    # The members' own warnings stand on their rows; repeating them here would print them twice.
     return Evaluation(name=name, checkpoint_path=" + ".join(ev.checkpoint_path for ev in members), meta=meta,
                       split=first.split, tta=first.tta, metrics=metrics, paths=list(first.paths),
-                      y_true=first.y_true, probs=probs, ages_true=first.ages_true, ages_pred=ages_pred,
-                      warnings=warnings)
+                      y_true=first.y_true, probs=probs, ages_true=first.ages_true, ages_pred=ages_pred)
 
 
 # --------------------------------------------------------------------------- comparison table

@@ -296,8 +296,7 @@ def test_ensemble_scores_the_mean_of_its_members_probabilities(features, checkpo
                                                           for k in ("group", "age"))
     mean = (p_group + p_age) / 2
     pred = mean.argmax(1)
-    # The two members disagree somewhere, so the ensemble is not just one of them.
-    assert np.any(pred != p_group.argmax(1)) or np.any(pred != p_age.argmax(1))
+    assert np.any(p_group.argmax(1) != p_age.argmax(1))  # the members disagree: averaging matters
     assert got["accuracy"] == pytest.approx(accuracy_score(y, pred))
     assert got["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
     assert got["members"] == [str(checkpoints["group"]), str(checkpoints["age"])]
@@ -308,6 +307,16 @@ def test_ensemble_scores_the_mean_of_its_members_probabilities(features, checkpo
     np.testing.assert_allclose([[float(r[f"p_{n}"]) for n in names] for r in rows], mean, atol=2e-6)
     assert (out / "ensemble" / "confusion.png").exists() and not (out / "ensemble" / "curves.png").exists()
     assert "ensemble" in result.output and "| ensemble |" in (out / "comparison.md").read_text()
+
+    # Two age heads: the ensemble's age is the mean of theirs.
+    other_age = fit_checkpoint(tmp_path / "mnv2_age", features, ("mobilenet_v2",), "last", "age")
+    result = run(evaluate_main, [checkpoints["age"], other_age, "--features", features, "--ensemble",
+                                 "-o", tmp_path / "ages"])
+    assert result.exit_code == 0, result.output
+    got = json.loads((tmp_path / "ages" / "metrics.json").read_text())["checkpoints"]["ensemble"]
+    ages_a, ages_b = (direct_probs(c, features)[2] for c in (checkpoints["age"], other_age))
+    assert np.abs(ages_a - ages_b).max() > 1.0  # two different age heads
+    assert got["mae"] == pytest.approx(np.mean(np.abs((ages_a + ages_b) / 2 - ages)), rel=1e-5)
 
     result = run(evaluate_main, [checkpoints["group"], "--features", features, "--ensemble", "-o", tmp_path / "o"])
     assert result.exit_code == 1 and "--ensemble needs at least two checkpoints" in result.output
@@ -447,13 +456,23 @@ def test_predict_ensemble_averages_the_heads_and_runs_each_backbone_once(image_h
     assert "age" not in next(iter(rows.values()))  # only one of the two heads predicts an age
 
     from pipeline.cli.predict import Predictor
-    predictor = Predictor([load_checkpoint(heads["group"]), load_checkpoint(heads["age"])], device="cpu")
+    predictor = Predictor([heads["group"], heads["age"]], device="cpu")
     assert list(predictor.backbones) == [("mobilenet_v2", "none")]  # one backbone serves both heads
-    both_age, age_alone = (Predictor([load_checkpoint(heads["age"])] * n, device="cpu") for n in (2, 1))
+    # Two age heads, the second predicting 10 years more: the ensemble predicts their mean.
+    older = load_checkpoint(heads["age"])
+    with torch.no_grad():
+        older.head.age_shift.add_(10.0)
+    older_dir = save_checkpoint(tmp_path / "older", older.head, older.meta)
     x = preprocess_rgb([load_rgb(p) for p in images])
     views = torch.stack([x, x.flip(-1)], 1)
-    np.testing.assert_allclose(both_age(views)[1], age_alone(views)[1], atol=1e-4)
-    np.testing.assert_allclose(age_alone(views)[1], ages, atol=0.01)
+    _, ensemble_ages = Predictor([heads["age"], older_dir], device="cpu")(views)
+    np.testing.assert_allclose(ensemble_ages, ages + 5.0, atol=0.01)
+
+    other_groups = load_checkpoint(heads["group"])
+    other_groups.meta["class_names"] = ["young", "middle", "old", "oldest"]
+    result = run(predict_main, [images[0], "--checkpoint", heads["group"], "--checkpoint",
+                                save_checkpoint(tmp_path / "renamed", other_groups.head, other_groups.meta)])
+    assert result.exit_code == 1 and "an ensemble needs the same groups" in result.output
 
 
 def test_predict_reports_unreadable_images_and_predicts_the_rest(image_head, tmp_path):

@@ -44,20 +44,34 @@ class Predictor:
     and hash); they must have the id recorded in the checkpoint.
     """
 
-    def __init__(self, checkpoints, weights: dict[str, str] | None = None, device: str = "auto"):
+    def __init__(self, checkpoints, weights: dict[str, str] | None = None, device: str = "auto",
+                 labels: list[str] | None = None):
+        """checkpoints: one or a list, each a path or a loaded HeadCheckpoint; labels name them in errors."""
         from ..device import resolve_device
-        from ..full_model import load_full_model
+        from ..full_model import RebuildError, load_full_model
+        from ..heads import HeadCheckpoint, load_checkpoint
 
-        checkpoints = checkpoints if isinstance(checkpoints, (list, tuple)) else [checkpoints]
+        checkpoints = list(checkpoints) if isinstance(checkpoints, (list, tuple)) else [checkpoints]
+        labels = labels or [f"head {i + 1}" for i in range(len(checkpoints))]
+        loaded = [c if isinstance(c, HeadCheckpoint) else load_checkpoint(c) for c in checkpoints]
+        # Check the heads agree before building any backbone (which may mean loading weights).
+        groups = list(loaded[0].meta["class_names"])
+        for label, ckpt in zip(labels[1:], loaded[1:]):
+            if list(ckpt.meta["class_names"]) != groups:
+                raise ValueError(f"{label} predicts groups {list(ckpt.meta['class_names'])}, "
+                                 f"{labels[0]} predicts {groups}: an ensemble needs the same groups")
         self.device = resolve_device(device)
         self.backbones = {}  # (name, weights id) -> backbone, shared by the heads
-        self.members = [load_full_model(c, weights, self.device, self.backbones) for c in checkpoints]
+        self.members = []
+        for label, ckpt in zip(labels, loaded):
+            try:
+                self.members.append(load_full_model(ckpt, weights, self.device, self.backbones))
+            except RebuildError as err:
+                if len(loaded) == 1:
+                    raise
+                raise RebuildError(f"{label}: {err}") from err
         self.checkpoint = self.members[0][1]
         self.meta = self.checkpoint.meta
-        for _, ckpt in self.members[1:]:
-            if list(ckpt.meta["class_names"]) != list(self.meta["class_names"]):
-                raise ValueError(f"the heads predict different groups: {list(self.meta['class_names'])} and "
-                                 f"{list(ckpt.meta['class_names'])}")
 
     @torch.inference_mode()
     def __call__(self, views: torch.Tensor, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
@@ -121,11 +135,6 @@ def format_table(predictions: list[Prediction], class_names: list[str]) -> str:
     return "\n".join([fmt(header)] + [fmt(r) for r in rows])
 
 
-def _which(checkpoints) -> str:
-    names = ", ".join(str(c) for c in checkpoints)
-    return f"checkpoint {names}" if len(checkpoints) == 1 else f"checkpoints {names}"
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--checkpoint", "checkpoints", required=True, multiple=True, type=click.Path(path_type=Path),
@@ -159,10 +168,12 @@ def main(images, checkpoints, weights, tta, batch_size, device, decoder, out, qu
         raise click.ClickException("\n".join(f"{item}: {reason}" for item, reason in problems))
     backbones = list(dict.fromkeys(name for ckpt in loaded for name in ckpt.meta["backbones"]))
     try:
-        predictor = Predictor(loaded, parse_weight_pairs(weights, backbones), device)
+        predictor = Predictor(loaded, parse_weight_pairs(weights, backbones), device,
+                              labels=[f"checkpoint {c}" for c in checkpoints])
         dec = make_decoder(decoder, predictor.device.type, batch_size)
     except RebuildError as err:
-        raise click.ClickException(f"cannot rebuild the model of {_which(checkpoints)}: {err}") from err
+        which = f"checkpoint {checkpoints[0]}" if len(checkpoints) == 1 else "the ensemble"
+        raise click.ClickException(f"cannot rebuild the model of {which}: {err}") from err
     except (WeightsUnavailable, ValueError, RuntimeError) as err:
         raise click.ClickException(str(err)) from err
 
