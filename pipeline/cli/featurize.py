@@ -133,6 +133,14 @@ def _print_summary(summary: dict) -> None:
             click.echo(f"  ... and {len(skipped) - 10} more (see /skipped in the file)")
 
 
+def _combine(combine, files, out) -> dict:
+    """Run store.merge or store.join; what is wrong with the input files becomes a readable error."""
+    try:
+        return combine(list(files), out)
+    except (SettingsMismatch, ValueError, KeyError, OSError) as err:
+        raise click.ClickException(str(err)) from err
+
+
 @main.command("merge", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
@@ -140,10 +148,7 @@ def merge_command(shards, out):
     """Join the files of a sharded run (--shard i/n) into one feature file."""
     from ..store import merge
 
-    try:
-        result = merge(list(shards), out)
-    except (SettingsMismatch, ValueError, KeyError, OSError) as err:
-        raise click.ClickException(str(err)) from err
+    result = _combine(merge, shards, out)
     click.echo(f"merged {result['shards']} shards into {out}: {result['written']} images")
 
 
@@ -154,10 +159,7 @@ def join_command(files, out):
     """Put the backbones of files over the same images (one featurize job per backbone) into one file."""
     from ..store import join
 
-    try:
-        result = join(list(files), out)
-    except (SettingsMismatch, ValueError, KeyError, OSError) as err:
-        raise click.ClickException(str(err)) from err
+    result = _combine(join, files, out)
     click.echo(f"joined {len(files)} files into {out}: {result['written']} images, "
                f"backbones {', '.join(result['backbones'])}")
 
