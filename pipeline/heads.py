@@ -98,9 +98,7 @@ class AgeHead(nn.Module):
             # Output is standardized age: years = out * age_scale + age_shift.
             self.register_buffer("age_shift", torch.zeros(()))
             self.register_buffer("age_scale", torch.ones(()))
-            # Threshold between group k-1 and k: halfway between the edge and the next year.
-            edges = torch.tensor([float(e) for e in group_edges[:-1]])
-            self.register_buffer("thresholds", edges + 0.5)
+            self.register_buffer("thresholds", age_thresholds(group_edges))
             self.register_buffer("temperature", torch.tensor(4.0))
 
     def _check_width(self, features: torch.Tensor) -> None:
@@ -126,6 +124,11 @@ class AgeHead(nn.Module):
 
     def age_to_scores(self, age: torch.Tensor) -> torch.Tensor:
         return ordinal_scores(age, self.thresholds, self.temperature)
+
+
+def age_thresholds(group_edges, device=None) -> torch.Tensor:
+    """Ages [C-1] that separate the groups: between group k-1 and k, halfway from the edge to the next year."""
+    return torch.tensor([float(e) + 0.5 for e in group_edges[:-1]], device=device)
 
 
 def ordinal_scores(age: torch.Tensor, thresholds: torch.Tensor, temperature) -> torch.Tensor:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .constants import PAPER_HEAD, group_names
-from .heads import AgeHead, HeadData, ordinal_scores
+from .heads import AgeHead, HeadData, age_thresholds, ordinal_scores
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -396,7 +396,7 @@ def _train_stack(data: HeadData, configs: list[HeadConfig], keep: str = "best") 
         age_scale = float(data.train_age.std().clamp_min(1.0))
         target_all = (data.train_age - age_shift) / age_scale   # [n]
         beta = HUBER_YEARS / age_scale
-        thresholds = torch.tensor([e + 0.5 for e in data.group_edges[:-1]], device=device)
+        thresholds = age_thresholds(data.group_edges, device)
     else:
         # Cross-entropy with class weights w and label smoothing e, as torch's:
         # loss_i = -sum_c T[y_i, c] log p_ic, T[y, c] = (1-e) w_y [y=c] + e w_c / C,
@@ -582,7 +582,7 @@ def _final_metrics(data: HeadData, results: list[HeadResult], val) -> None:
         b = [bb.to(data.device).unsqueeze(0) for _, bb in res.params]
         z = _mlp(W, b, val, 0)
         if res.config.target == "age":
-            thresholds = torch.tensor([e + 0.5 for e in data.group_edges[:-1]], device=data.device)
+            thresholds = age_thresholds(data.group_edges, data.device)
             age = z[:, 0] * res.age_scale + res.age_shift
             res.temperature = fit_temperature(age, data.val_group, thresholds)
             pred = (age.unsqueeze(1) > thresholds).sum(1)
