@@ -17,7 +17,7 @@ import torch
 from .cam import METHODS, CamError, explain_batch, require_last_block, resolve_target
 from .dataset import IMAGE_SUFFIXES, collect_images
 from .device import resolve_device
-from .full_model import FullModel, choose_weights, load_full_model
+from .full_model import FullModel, load_full_models
 from .heads import HeadCheckpoint, load_checkpoint
 from .overlays import GridCell, overlay_rgb, resize_map, save_grid, save_overlay
 
@@ -125,9 +125,8 @@ def load_models(checkpoints: Sequence[Path], weights: dict[str, str], device: to
     chosen = resolve_target(target, names[0])
     for ckpt in ckpts:
         require_last_block(ckpt.meta)
-        choose_weights(ckpt.meta, weights)
-    models = [load_full_model(ckpt, weights, device)[0] for ckpt in ckpts]
-    return models, ckpts, chosen
+    # Heads over the same backbone share it: Grad-CAM's hooks live only for one model's call.
+    return load_full_models(ckpts, weights, device), ckpts, chosen
 
 
 def explain_images(config: ExplainConfig, log: Callable[[str], None] = print,

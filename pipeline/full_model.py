@@ -5,7 +5,8 @@ head was trained to produce: the backbone(s) named in the checkpoint with the
 same weights id, the featurize preprocessing (`decode.preprocess_rgb`), global
 average pooling, `heads.assemble_features`, then the head. On an image its
 scores equal the head applied to the image's cached features, up to the
-float16 rounding of the cache. predict and explain both use it.
+float16 rounding of the cache. predict and explain both use it, through
+`load_full_models` when several heads share backbones.
 """
 
 from __future__ import annotations
@@ -123,3 +124,24 @@ def load_full_model(checkpoint: str | Path | HeadCheckpoint, weights: dict[str, 
     # channels_last: 1.3-1.9x faster convolutions on CPU and GPU (see extract.BackboneRunner).
     model = model.to(device).to(memory_format=torch.channels_last)
     return model, ckpt
+
+
+def load_full_models(checkpoints: Sequence[HeadCheckpoint], weights: dict[str, str] | None = None,
+                     device: str | torch.device = "cpu", labels: Sequence[str] | None = None,
+                     shared: dict[tuple[str, str], FrozenBackbone] | None = None) -> list[FullModel]:
+    """The full models of several heads, sharing each (backbone, weights id) they have in common.
+
+    Every head's preprocessing and weights are checked before any backbone is
+    built (building one may mean loading weights). labels: names for the heads,
+    put in front of a RebuildError's reason. shared: as for load_full_model.
+    """
+    for i, ckpt in enumerate(checkpoints):
+        try:
+            check_preprocessing(ckpt.meta.get("preprocessing"))
+            choose_weights(ckpt.meta, weights)
+        except RebuildError as err:
+            if labels is None:
+                raise
+            raise RebuildError(f"{labels[i]}: {err}") from err
+    shared = {} if shared is None else shared
+    return [load_full_model(ckpt, weights, device, shared)[0] for ckpt in checkpoints]

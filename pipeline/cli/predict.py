@@ -48,7 +48,7 @@ class Predictor:
                  labels: list[str] | None = None):
         """checkpoints: one or a list, each a path or a loaded HeadCheckpoint; labels name them in errors."""
         from ..device import resolve_device
-        from ..full_model import RebuildError, load_full_model
+        from ..full_model import load_full_models
         from ..heads import HeadCheckpoint, load_checkpoint
 
         checkpoints = list(checkpoints) if isinstance(checkpoints, (list, tuple)) else [checkpoints]
@@ -62,14 +62,9 @@ class Predictor:
                                  f"{labels[0]} predicts {groups}: an ensemble needs the same groups")
         self.device = resolve_device(device)
         self.backbones = {}  # (name, weights id) -> backbone, shared by the heads
-        self.members = []
-        for label, ckpt in zip(labels, loaded):
-            try:
-                self.members.append(load_full_model(ckpt, weights, self.device, self.backbones))
-            except RebuildError as err:
-                if len(loaded) == 1:
-                    raise
-                raise RebuildError(f"{label}: {err}") from err
+        models = load_full_models(loaded, weights, self.device, labels if len(loaded) > 1 else None,
+                                  self.backbones)
+        self.members = list(zip(models, loaded))
         self.checkpoint = self.members[0][1]
         self.meta = self.checkpoint.meta
 
