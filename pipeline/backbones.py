@@ -1,9 +1,12 @@
 """Registry of frozen ImageNet backbones: name -> model, widths, Grad-CAM layer.
 
-Every backbone is made through `create_backbone(name, weights)`, which returns
-a `FrozenBackbone`: an eval-mode module whose forward returns the globally
-average-pooled output of the last conv stage (the paper's features) and, from
-the same pass, the pooled outputs of the earlier resolution stages.
+Every backbone is made through `create_backbone(name, weights, descriptors=())`,
+which returns a `FrozenBackbone`: an eval-mode module whose forward returns a
+dict of plain tensors, in the order of `backbone.output_names`:
+  "features"  the globally average-pooled output of the last conv stage (the paper's)
+  "stages"    from the same pass, the pooled outputs of the earlier resolution stages
+  then one entry per requested descriptor (descriptors.py: gem, grid, stage_grid).
+Plain tensors keyed by name, so an ONNX export can use the keys as output names.
 Adding a backbone means adding one `BackboneSpec` to `REGISTRY`.
 """
 
@@ -17,6 +20,9 @@ from typing import Callable
 import torch
 import torchvision
 from torch import nn
+
+from .descriptors import compute as compute_descriptors
+from .descriptors import descriptor_width, parse_descriptors
 
 
 class WeightsUnavailable(RuntimeError):
@@ -105,18 +111,35 @@ def _pool(x: torch.Tensor) -> torch.Tensor:
 class FrozenBackbone(nn.Module):
     """A torchvision classifier reduced to its pooled features, frozen.
 
-    forward(x) -> (pooled [B, feature_width], stages [B, stages_width]).
+    forward(x) -> {"features": [B, feature_width], "stages": [B, stages_width],
+    <descriptor>: [B, width], ...} in the order of `output_names`.
     `cam_layer` is the module whose activations Grad-CAM uses.
     """
 
-    def __init__(self, spec: BackboneSpec, model: nn.Module, weights_id: str):
+    def __init__(self, spec: BackboneSpec, model: nn.Module, weights_id: str, descriptors=()):
         super().__init__()
         self.spec = spec
         self.weights_id = weights_id
+        self.descriptors = parse_descriptors(descriptors)
         self.model = model
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return ("features", "stages") + self.descriptors
+
+    @property
+    def output_widths(self) -> dict[str, int]:
+        return output_widths(self.spec, self.descriptors)
+
+    def with_descriptors(self, descriptors) -> "FrozenBackbone":
+        """This backbone (the same module, weights shared, not copied) returning these descriptors too."""
+        wanted = parse_descriptors(tuple(self.descriptors) + tuple(parse_descriptors(descriptors)))
+        if wanted == self.descriptors:
+            return self
+        return FrozenBackbone(self.spec, self.model, self.weights_id, wanted)
 
     @property
     def cam_layer(self) -> nn.Module:
@@ -127,28 +150,40 @@ class FrozenBackbone(nn.Module):
         # Frozen means BatchNorm statistics never move, whatever the caller does.
         return super().train(False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.spec.layout == "resnet":
-            return self._forward_resnet(x)
-        return self._forward_sequential(x)
+            last, stage_maps = self._maps_resnet(x)
+        else:
+            last, stage_maps = self._maps_sequential(x)
+        out = {"features": _pool(last), "stages": torch.cat([_pool(m) for m in stage_maps], dim=1)}
+        out.update(compute_descriptors(self.descriptors, last, stage_maps[-1]))
+        return out
 
-    def _forward_sequential(self, x):
-        stages = []
+    def _maps_sequential(self, x):
+        """(last block's map, [each earlier stage's map])."""
+        stage_maps = []
         for i, block in enumerate(self.model.features):
             x = block(x)
             if i in self.spec.stage_indices:
-                stages.append(_pool(x))
-        return _pool(x), torch.cat(stages, dim=1)
+                stage_maps.append(x)
+        return x, stage_maps
 
-    def _forward_resnet(self, x):
+    def _maps_resnet(self, x):
         m = self.model
         x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
-        stages = []
+        stage_maps = []
         for number, layer in enumerate((m.layer1, m.layer2, m.layer3, m.layer4), start=1):
             x = layer(x)
             if number in self.spec.stage_indices:
-                stages.append(_pool(x))
-        return _pool(x), torch.cat(stages, dim=1)
+                stage_maps.append(x)
+        return x, stage_maps
+
+
+def output_widths(spec: BackboneSpec, descriptors=()) -> dict[str, int]:
+    """{output name: width} of a backbone with these descriptors, in output order."""
+    widths = {"features": spec.feature_width, "stages": spec.stages_width}
+    widths.update({d: descriptor_width(spec, d) for d in parse_descriptors(descriptors)})
+    return widths
 
 
 def fuse_conv_bn(module: nn.Module) -> nn.Module:
@@ -191,27 +226,28 @@ def resolve_weights_id(name: str, weights: str | None) -> str:
     return str(weights)
 
 
-def create_backbone(name: str, weights: str | None = DEFAULT_WEIGHTS) -> FrozenBackbone:
+def create_backbone(name: str, weights: str | None = DEFAULT_WEIGHTS, descriptors=()) -> FrozenBackbone:
     """Build a frozen backbone.
 
     weights: a weights-enum member name (e.g. "IMAGENET1K_V1"), a path to a
     local state-dict file, or None / "none" for random init (tests).
+    descriptors: extra outputs (descriptors.DESCRIPTORS) computed in the same pass.
     """
     spec = get_spec(name)
     if weights is None or str(weights).lower() == "none":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # random-init models are the same in every process
             model = spec.builder(weights=None)
-        return FrozenBackbone(spec, model, "none")
+        return FrozenBackbone(spec, model, "none", descriptors)
     weights_id = resolve_weights_id(name, weights)
     if is_weights_file(weights):
-        return FrozenBackbone(spec, _model_from_file(spec, Path(weights)), weights_id)
+        return FrozenBackbone(spec, _model_from_file(spec, Path(weights)), weights_id, descriptors)
     enum_member = spec.weights_enum[weights_id]
     try:
         model = spec.builder(weights=enum_member)
     except Exception as err:  # offline, blocked download, corrupt cache
         raise WeightsUnavailable(_weights_help(name, enum_member, err)) from err
-    return FrozenBackbone(spec, model, enum_member.name)
+    return FrozenBackbone(spec, model, enum_member.name, descriptors)
 
 
 def _model_from_file(spec: BackboneSpec, path: Path) -> nn.Module:

@@ -66,9 +66,12 @@ class CamError(ValueError):
 
 def require_last_block(meta: dict) -> None:
     """Maps sit at the last block; a head on feature kind 'stages' never sees it."""
-    if meta["feature_kind"] == "stages":
-        raise CamError("this head was trained on feature kind 'stages' (pooled earlier stages only): it never "
-                       "sees the last block, so a map at the last block would be empty. Explain heads trained "
+    from .descriptors import kind_outputs
+
+    # Only features, gem and grid come from the last block; stages and stage_grid come from earlier ones.
+    if not set(kind_outputs(meta["feature_kind"])) & {"features", "gem", "grid"}:
+        raise CamError(f"this head was trained on feature kind {meta['feature_kind']!r} (earlier stages only): "
+                       "it never sees the last block, so a map at the last block would be empty. Explain heads trained "
                        "on 'last' or 'both'.")
 
 
@@ -160,7 +163,7 @@ def grad_cam(model: FullModel, x: torch.Tensor, target: int | Sequence[int] | No
             if grad is None:
                 raise RuntimeError(f"no gradient reached {name}'s target layer: the head does not use its output")
             weights = grad.mean(dim=(2, 3), keepdim=True)
-            cam = F.relu((weights * act).sum(dim=1))
+            cam = F.relu((weights.float() * act.float()).sum(dim=1))  # float32 maps under any autocast precision
             cams[name] = upsample(cam.detach(), tuple(x.shape[-2:])).cpu().numpy().astype(np.float32)
     scores = scores.detach().float()
     return Explanation(scores=scores.cpu().numpy(), probs=torch.softmax(scores, 1).cpu().numpy(),

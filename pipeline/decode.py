@@ -3,34 +3,54 @@
 Every image goes: decode to RGB uint8 (EXIF orientation applied) -> float -> resize to
 IMAGE_SIZE x IMAGE_SIZE (bilinear, antialiased) -> /255 -> ImageNet mean/std. The float
 conversion comes before the resize on every path, so no path rounds resized pixels to uint8.
+16-bit PNGs become uint8 as round(v * 255 / 65535) on every path (DALI's own conversion).
 
 Four decoders do this: DALI on GPU or CPU run the one graph built by `build_dali_pipeline`;
-torch on GPU or CPU share `resize_normalize`. All four first apply the same file checks
-(`encoded_problem`), so every path keeps and skips the same files:
+torch on GPU or CPU share `resize_normalize`. All four first read and judge each file with the
+checks of `image_checks` (regular files only, whole JPEG/PNG up to its end marker, trailing bytes
+dropped, the pixel limit `max_pixels`, libjpeg-turbo's "Corrupt JPEG data" verdict, PNG CRCs and
+pixel data), so every path keeps and skips the same files, and nvJPEG, which reports no corrupt
+data, gets only files the CPU check found sound. A file that passes the checks but still fails
+to decode is reported in `DecodedBatch.failures` and the rest of its batch is kept. A file a
+GPU decoder handed to the CPU is listed in `DecodedBatch.fallbacks` with the reason; when
+nvJPEG cannot start at all, a RuntimeWarning says why and `TorchDecoder.nvjpeg_problem` holds it.
 
-* only JPEG and PNG are accepted, the formats every path decodes;
-* a JPEG must end with its end-of-image marker FF D9 and a PNG with its IEND chunk, give or
-  take up to 1 KiB of zero padding. libjpeg-turbo itself only warns on a file cut short and
-  fills the rest grey; torchvision, PIL and DALI's CPU decoder turn that warning into an error,
-  the GPU decoders are not known to, so a missing end marker counts as truncation on every path.
+How close the paths are, after normalization (one 8-bit level is ~0.017 there):
 
-A file that passes the checks but still fails to decode is reported in `DecodedBatch.failures`
-and the rest of its batch is kept.
+* torch-cpu and dali-cpu: within 1e-4 on 1024 UTKFace files (tested on the CPU). When shrinking,
+  DALI's filter repeats the edge pixels where torch renormalizes its cut kernel, so the outermost
+  pixel or two can differ (2e-3 on a smooth 500x380 picture).
+* dali-gpu: the same graph with nvJPEG, `jpeg_fancy_upsampling=True` so chroma is interpolated as
+  libjpeg-turbo does. Not yet run on a GPU: its tolerance is unmeasured (`featurize --verify`).
+* torch-gpu: torchvision creates its nvJPEG handle with the default flags, without chroma
+  interpolation, so 4:2:0 JPEGs (all of UTKFace) differ from libjpeg-turbo at colour edges.
+  Simulated on the CPU with libjpeg-turbo's own non-interpolating upsampler on 512 UTKFace
+  files: after normalization max 0.58, mean 0.004, median per-file max 0.10 (up to 39 levels
+  on a decoded pixel). Not yet run on a GPU. This path does NOT meet the one-level tolerance;
+  use dali-gpu or the CPU paths where it matters.
+
+CUDA streams (torch-gpu): torchvision allocates nvJPEG's outputs on the caller's current stream
+but decodes on a pooled stream that does not wait for it, so a block the backbone freed with its
+kernels still queued could be overwritten (torchvision PR #9606). This decoder therefore decodes
+on its own stream, synchronized after every batch so nothing is ever queued on it when nvJPEG
+allocates; the consumer stream waits on it and the views are `record_stream`ed to the consumer.
+dali-gpu copies out of DALI's buffers on that stream too and waits for the copy, since the next
+run reuses those buffers (a copy queued behind the backbone on the default stream would not be).
 
 Measured on 256 UTKFace files (200x200 JPEG), batch 64, on a shared 2-core CPU under heavy
 load: dali-cpu ~145 images/s (3.0-3.5 ms of CPU per image), torch-cpu 50-105 images/s
-(4.6-6.5 ms). dali-cpu and torch-cpu agree within 1e-4 after normalization on 1024 UTKFace
-files. When shrinking, DALI's filter repeats the edge pixels where torch renormalizes its cut
-kernel, so the outermost pixel or two can differ (2e-3 on a smooth 500x380 picture).
+(4.6-6.5 ms).
 """
 
 from __future__ import annotations
 
+import io
 import os
-import struct
+import re
+import warnings
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -40,18 +60,20 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from pipeline.constants import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
+from pipeline.image_checks import (  # noqa: F401  (encoded_problem, exif_orientation: this module's API too)
+    _JPEG_START,
+    DEFAULT_MAX_PIXELS,
+    ImageProblem,
+    checked_header,
+    encoded_problem,
+    exif_orientation,
+    parse_jpeg,
+    read_image_file,
+)
 
 BACKENDS = ("auto", "dali", "torch")
 DEVICES = ("auto", "cpu", "cuda")
 
-_JPEG_START = b"\xff\xd8\xff"
-_JPEG_END = b"\xff\xd9"
-_PNG_START = b"\x89PNG\r\n\x1a\n"
-_PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and its fixed CRC
-_PADDING_ALLOWED = 1024  # zero bytes tolerated after the end marker; every decoder ignores them
-# Start-of-frame markers hold the component count; C4, C8 and CC share the range but are not frames.
-_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-_EXIF_ORIENTATION_TAG = 0x0112
 _DALI_INPUT = "encoded"
 
 
@@ -60,6 +82,8 @@ class DecodedBatch:
     views: torch.Tensor  # [B_ok, 2, 3, S, S] float32 on the decoder's device; [:, 0] plain, [:, 1] mirrored
     kept: list[int]  # positions in the input list that decoded fine, in order
     failures: list[tuple[str, str]]  # (path as given, human-readable reason)
+    # (path as given, why) for kept files a GPU decoder could not take and handed to the CPU decoder
+    fallbacks: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Decoder(Protocol):
@@ -78,14 +102,20 @@ def dali_available() -> bool:
 
 
 def make_decoder(backend: str = "auto", device: str = "auto", batch_size: int = 64,
-                 num_threads: int | None = None) -> Decoder:
-    """The decoder for `backend` on `device`; "auto" picks CUDA when present and DALI when installed."""
+                 num_threads: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Decoder:
+    """The decoder for `backend` on `device`; "auto" picks CUDA when present and DALI when installed.
+
+    max_pixels: images with more pixels (width x height, from the header) are refused before
+    decoding; None turns the limit off.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown decode backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if device not in DEVICES:
         raise ValueError(f"unknown decode device {device!r}; choose one of {', '.join(DEVICES)}")
     if batch_size < 1:
         raise ValueError(f"decode batch size must be at least 1, got {batch_size}")
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"max_pixels must be at least 1 (or None for no limit), got {max_pixels}")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("decode device 'cuda' asked for, but torch sees no CUDA GPU; use device 'cpu'")
     if backend == "dali" and not dali_available():
@@ -95,48 +125,49 @@ def make_decoder(backend: str = "auto", device: str = "auto", batch_size: int = 
                                  else "cpu")
     threads = num_threads or _usable_cpus()
     if backend == "dali" or (backend == "auto" and dali_available()):
-        return DaliDecoder(chosen_device, batch_size, threads)
-    return TorchDecoder(chosen_device, threads)
+        return DaliDecoder(chosen_device, batch_size, threads, max_pixels=max_pixels)
+    return TorchDecoder(chosen_device, threads, max_pixels=max_pixels)
 
 
 # ---------------------------------------------------------------- file checks, shared by every path
 
 
-def encoded_problem(data: np.ndarray) -> str | None:
-    """Why these file bytes will not be decoded, or None when they look like a whole JPEG or PNG."""
-    if data.size == 0:
-        return "empty file"
-    head = data[: len(_PNG_START)].tobytes()
-    tail = data[-_PADDING_ALLOWED:].tobytes().rstrip(b"\x00")
-    if head.startswith(_JPEG_START):
-        return None if tail.endswith(_JPEG_END) else "truncated JPEG (no end-of-image marker)"
-    if head.startswith(_PNG_START):
-        return None if tail.endswith(_PNG_END) else "truncated PNG (no IEND chunk)"
-    return "not a JPEG or PNG image"
+def read_checked(paths: Sequence[str | Path], max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 pool: ThreadPoolExecutor | None = None) -> tuple[list[int], list[np.ndarray], dict[int, str]]:
+    """(positions, image bytes) of the files worth decoding, and a failure reason by position for the rest.
 
-
-def read_checked(paths: Sequence[str | Path]) -> tuple[list[int], list[np.ndarray], dict[int, str]]:
-    """(positions, file bytes) of the files worth decoding, and a failure reason by position for the rest."""
+    The bytes stop at the image's end marker: trailing data never reaches a decoder. With a
+    pool, files are read and checked side by side (~0.25-0.35 ms each on UTKFace, two thirds of
+    it libjpeg-turbo's strict pass), so slow reads and the checks overlap; whether simplejpeg
+    lets them run truly in parallel (GIL) was not measurable on our loaded 2-core machine.
+    """
+    checked = (pool.map if pool else map)(lambda path: _read_one(path, max_pixels), paths)
     positions, encoded, reasons = [], [], {}
-    for position, path in enumerate(paths):
-        try:
-            data = np.fromfile(path, dtype=np.uint8)
-        except OSError as error:
-            reasons[position] = f"cannot read: {error.strerror or error}"
-            continue
-        problem = encoded_problem(data)
-        if problem:
-            reasons[position] = f"cannot decode: {problem}"
+    for position, result in enumerate(checked):
+        if isinstance(result, str):
+            reasons[position] = result
         else:
             positions.append(position)
-            encoded.append(data)
+            encoded.append(result)
     return positions, encoded, reasons
 
 
+def _read_one(path: str | Path, max_pixels: int | None) -> np.ndarray | str:
+    """A file's image bytes, or why it will not be decoded."""
+    try:
+        data = read_image_file(path)
+    except ImageProblem as problem:
+        return problem.reason
+    except OSError as error:
+        return f"cannot read: {error.strerror or error}"
+    header = checked_header(data, max_pixels)
+    return f"cannot decode: {header}" if isinstance(header, str) else data[: header.end]
+
+
 def _batch(paths: Sequence[str | Path], kept: list[int], views: torch.Tensor,
-           reasons: dict[int, str]) -> DecodedBatch:
+           reasons: dict[int, str], fallbacks: list[tuple[str, str]] | None = None) -> DecodedBatch:
     failures = [(str(paths[position]), reasons[position]) for position in sorted(reasons)]
-    return DecodedBatch(views=views, kept=kept, failures=failures)
+    return DecodedBatch(views=views, kept=kept, failures=failures, fallbacks=fallbacks or [])
 
 
 def _no_views(device: torch.device) -> torch.Tensor:
@@ -159,10 +190,30 @@ def _usable_cpus() -> int:
 # ---------------------------------------------------------------- pixels for overlays and Grad-CAM
 
 
-def load_rgb(path: str | Path) -> np.ndarray:
-    """HxWx3 uint8 RGB, EXIF orientation applied: the picture as a viewer shows it."""
-    with Image.open(path) as image:
-        return np.array(ImageOps.exif_transpose(image).convert("RGB"))
+def load_rgb(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """HxWx3 uint8 RGB, EXIF orientation applied: the picture as a viewer shows it.
+
+    The decoders' file checks come first (ImageProblem names the file and the reason), and a
+    16-bit PNG is scaled to 8 bits as the decoders do it (PIL would clip 16-bit gray at 255).
+    """
+    try:
+        data = read_image_file(path)
+    except OSError as error:
+        raise ImageProblem(path, f"cannot read: {error.strerror or error}") from error
+    header = checked_header(data, max_pixels)
+    if isinstance(header, str):
+        raise ImageProblem(path, f"cannot decode: {header}")
+    data = data[: header.end]
+    if header.bit_depth == 16:
+        decoded = _decode_on_cpu(data)
+        if isinstance(decoded, str):
+            raise ImageProblem(path, decoded)
+        return decoded.permute(1, 2, 0).numpy()
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as image:
+            return np.array(ImageOps.exif_transpose(image).convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as error:  # the last: max_pixels above PIL's own
+        raise ImageProblem(path, f"cannot decode: {error}") from error
 
 
 def preprocess_rgb(images: list[np.ndarray] | torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -216,45 +267,13 @@ def with_mirror(plain: torch.Tensor) -> torch.Tensor:
     return views
 
 
-def exif_orientation(tiff: bytes) -> int:
-    """The Orientation tag of an EXIF block (1 when absent, 0 when the block is unreadable)."""
-    byte_order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
-    if byte_order is None:
-        return 0
-    try:
-        (first_directory,) = struct.unpack_from(byte_order + "I", tiff, 4)
-        (entries,) = struct.unpack_from(byte_order + "H", tiff, first_directory)
-        for entry in range(first_directory + 2, first_directory + 2 + 12 * entries, 12):
-            tag, _type, _count, value = struct.unpack_from(byte_order + "HHIH", tiff, entry)
-            if tag == _EXIF_ORIENTATION_TAG:
-                return value
-    except struct.error:
-        return 0
-    return 1
-
-
 def jpeg_layout(data: np.ndarray) -> tuple[int, int]:
-    """(colour components, EXIF orientation) from the marker segments ahead of a JPEG's frame header.
+    """(colour components, EXIF orientation) from a JPEG's headers; (0, 1) when they do not parse.
 
     A few header bytes tell the torch GPU path which files nvJPEG may take, without a decode.
-    Components is 0 when no frame header was found.
     """
-    buffer = memoryview(data)
-    components, orientation, position = 0, 1, 2
-    while position + 4 <= len(buffer) and buffer[position] == 0xFF:
-        marker = buffer[position + 1]
-        if marker == 0xFF:  # fill byte ahead of a marker
-            position += 1
-            continue
-        length = int.from_bytes(buffer[position + 2: position + 4], "big")
-        segment = buffer[position + 4: position + 2 + length]
-        if marker == 0xE1 and segment[:6] == b"Exif\x00\x00":
-            orientation = exif_orientation(bytes(segment[6:]))
-        elif marker in _FRAME_MARKERS:
-            components = segment[5] if len(segment) > 5 else 0
-            break
-        position += 2 + length
-    return components, orientation
+    header = parse_jpeg(data)
+    return (0, 1) if isinstance(header, str) else (header.components, header.orientation)
 
 
 def nvjpeg_ready(data: np.ndarray) -> bool:
@@ -267,24 +286,82 @@ def _decode_on_cpu(data: np.ndarray) -> torch.Tensor | str:
     from torchvision.io import ImageReadMode, decode_image
 
     try:
-        return decode_image(torch.from_numpy(data), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        image = decode_image(torch.from_numpy(data), mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except RuntimeError as error:
-        # torchvision prefixes "function, source.cpp:line, "; the reader wants the rest.
-        return "cannot decode: " + str(error).splitlines()[0].split(", ")[-1]
+        return "cannot decode: " + _torchvision_reason(error)
+    return to_uint8(image)
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """8-bit pixels from torchvision's uint8 or uint16 (16-bit PNG) output: round(v * 255 / 65535), as DALI does."""
+    if image.dtype == torch.uint8:
+        return image
+    if image.dtype != torch.uint16:
+        raise ValueError(f"expected uint8 or uint16 pixels, got {image.dtype}")
+    return ((image.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+
+
+# torchvision prefixes "function, /path/source.cpp:line, "; the reader wants the rest, commas and all.
+_TORCHVISION_PREFIX = re.compile(r"^\w+, \S+\.(?:cpp|cu|cc|c|h|hpp):\d+, ")
+
+
+def _torchvision_reason(error: Exception) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return _TORCHVISION_PREFIX.sub("", text) or type(error).__name__
+
+
+class DecodeStream:
+    """A GPU decoder's own CUDA stream, and the hand-over of its finished views to the consumer's stream."""
+
+    def __init__(self, device: torch.device, consumer: "torch.cuda.Stream | None" = None):
+        self.stream = torch.cuda.Stream(device)  # ours alone: nothing else is ever queued on it
+        self.consumer = consumer or torch.cuda.default_stream(device)
+
+    def hand_over(self, views: torch.Tensor) -> None:
+        # Block the decoding (prefetch) thread, not the consumer, until the batch is on the device;
+        # the stream is then idle again when the next batch's outputs are allocated on it.
+        self.stream.synchronize()
+        self.consumer.wait_stream(self.stream)
+        # The caching allocator must not hand these blocks back to our stream while the
+        # consumer's kernels that read them are still queued.
+        views.record_stream(self.consumer)
 
 
 class TorchDecoder:
-    """torchvision decoding (nvJPEG in batches on CUDA, libjpeg-turbo/libpng on CPU) plus `resize_normalize`."""
+    """torchvision decoding (nvJPEG in batches on CUDA, libjpeg-turbo/libpng on CPU) plus `resize_normalize`.
 
-    def __init__(self, device: torch.device, num_threads: int):
+    On CUDA the outputs are meant for `consumer_stream` (default: the device's default stream,
+    the one the backbones run on); set it when the consumer runs on another stream.
+    """
+
+    def __init__(self, device: torch.device, num_threads: int, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 consumer_stream: "torch.cuda.Stream | None" = None):
         self.device = device
         self.name = "torch-gpu" if device.type == "cuda" else "torch-cpu"
+        self.max_pixels = max_pixels
         # torchvision's CPU decoders release the GIL, so threads decode files side by side.
         self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="decode")
+        self.nvjpeg_problem: str | None = None  # why nvJPEG cannot be used at all; None while it can
+        self._streams = DecodeStream(device, consumer_stream) if device.type == "cuda" else None
+        if self._streams:
+            with torch.cuda.stream(self._streams.stream):
+                self.nvjpeg_problem = self._probe_nvjpeg()
+            self._streams.stream.synchronize()
 
     def decode(self, paths: Sequence[str | Path]) -> DecodedBatch:
-        positions, encoded, reasons = read_checked(paths)
-        images = self._decode_with_nvjpeg(encoded) if self.device.type == "cuda" else [None] * len(encoded)
+        if self._streams is None:
+            return self._decode(paths)
+        with torch.cuda.stream(self._streams.stream):
+            batch = self._decode(paths)
+        self._streams.hand_over(batch.views)
+        return batch
+
+    def _decode(self, paths: Sequence[str | Path]) -> DecodedBatch:
+        positions, encoded, reasons = read_checked(paths, self.max_pixels, self._pool)
+        if self.device.type == "cuda":
+            images, fallbacks = self._decode_with_nvjpeg(encoded, [str(paths[position]) for position in positions])
+        else:
+            images, fallbacks = [None] * len(encoded), []
         left_to_cpu = [index for index, image in enumerate(images) if image is None]
         for index, result in zip(left_to_cpu, self._pool.map(_decode_on_cpu, [encoded[i] for i in left_to_cpu])):
             if isinstance(result, str):
@@ -294,28 +371,68 @@ class TorchDecoder:
             else:
                 images[index] = result
         decoded = [index for index, image in enumerate(images) if image is not None]
+        failed = {str(paths[position]) for position in reasons}
+        fallbacks = [(path, why) for path, why in fallbacks if path not in failed]
         if not decoded:
-            return _batch(paths, [], _no_views(self.device), reasons)
+            return _batch(paths, [], _no_views(self.device), reasons, fallbacks)
         views = with_mirror(resize_normalize([images[index] for index in decoded]))
-        return _batch(paths, [positions[index] for index in decoded], views, reasons)
+        return _batch(paths, [positions[index] for index in decoded], views, reasons, fallbacks)
 
-    def _decode_with_nvjpeg(self, encoded: list[np.ndarray]) -> list[torch.Tensor | None]:
-        """GPU images for the files nvJPEG can take in one batch; None marks those left to the CPU."""
+    def _probe_nvjpeg(self) -> str | None:
+        """Decode a tiny JPEG with nvJPEG once; why it cannot be used (warned about loudly), or None."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            decode_jpeg([torch.from_numpy(_probe_jpeg())], mode=ImageReadMode.RGB, device=self.device)
+        except Exception as error:  # noqa: BLE001 - whatever the cause, every JPEG goes to the CPU and says why
+            problem = _torchvision_reason(error)
+            warnings.warn(f"nvJPEG cannot be used on {self.device}: {problem}. Every JPEG is decoded on the "
+                          f"CPU instead, and listed with this reason in the batch's fallbacks.",
+                          RuntimeWarning, stacklevel=3)
+            return problem
+        return None
+
+    def _decode_with_nvjpeg(self, encoded: list[np.ndarray], names: list[str]
+                            ) -> tuple[list[torch.Tensor | None], list[tuple[str, str]]]:
+        """GPU images for the files nvJPEG takes (None: left to the CPU), and (name, why) for its rejects.
+
+        Only three-component JPEGs shown as stored go to nvJPEG (torchvision's nvJPEG path ignores
+        EXIF and CMYK); the rest are the CPU's by routing, not fallbacks.
+        """
         from torchvision.io import ImageReadMode, decode_jpeg
 
         images: list[torch.Tensor | None] = [None] * len(encoded)
         chosen = [index for index, data in enumerate(encoded) if nvjpeg_ready(data)]
         if not chosen:
-            return images
+            return images, []
+        if self.nvjpeg_problem:
+            return images, [(names[index], f"nvJPEG unusable: {self.nvjpeg_problem}") for index in chosen]
+
+        def run(indices: list[int]) -> list[torch.Tensor]:
+            return decode_jpeg([torch.from_numpy(encoded[index]) for index in indices],
+                               mode=ImageReadMode.RGB, device=self.device)
+
+        fallbacks = []
         try:
-            decoded = decode_jpeg([torch.from_numpy(encoded[index]) for index in chosen],
-                                  mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError:
-            # One bad file fails the whole nvJPEG batch; the CPU decoder then judges each file alone.
-            return images
+            decoded = run(chosen)
+        except Exception:  # noqa: BLE001 - one rejected file fails the whole call: retry the files one by one
+            decoded = []
+            for index in chosen:
+                try:
+                    decoded += run([index])
+                except Exception as error:  # noqa: BLE001 - this file goes to the CPU, with the reason
+                    decoded.append(None)
+                    fallbacks.append((names[index], f"nvJPEG: {_torchvision_reason(error)}"))
         for index, image in zip(chosen, decoded):
             images[index] = image
-        return images
+        return images, fallbacks
+
+
+def _probe_jpeg() -> np.ndarray:
+    """A 16x16 colour JPEG that every decoder takes."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 120, 40)).save(buffer, "JPEG", quality=90)
+    return np.frombuffer(bytearray(buffer.getvalue()), dtype=np.uint8)
 
 
 # ---------------------------------------------------------------- DALI paths
@@ -351,31 +468,45 @@ def build_dali_pipeline(batch_size: int, num_threads: int, device_id: int | None
     return pipe
 
 
-def _dali_reason(error: RuntimeError) -> str:
+def _dali_reason(error: Exception) -> str:
     """The line of a DALI error that names the cause, after its operator traceback."""
     lines = [line.strip() for line in str(error).splitlines()]
     after = lines[lines.index("encountered:") + 1:] if "encountered:" in lines else lines
-    cause = next((line for line in after if line and "no longer valid" not in line), "decoder error")
+    cause = next((line for line in after if line and "no longer valid" not in line), type(error).__name__)
     return f"cannot decode: DALI: {cause}"
 
 
 class DaliDecoder:
-    """One DALI pipeline, built once and fed each batch of file bytes through its external source."""
+    """One DALI pipeline, built once and fed each batch of file bytes through its external source.
 
-    def __init__(self, device: torch.device, batch_size: int, num_threads: int):
+    A file DALI rejects fails its whole batch. The batch is then run file by file through the
+    same pipeline, which is rebuilt only when a known-good probe image fails too (DALI's message
+    says "no longer valid" even when the pipeline still works, and on the CPU it does). A rebuild
+    re-initialises the decoder and its buffers: on the CPU twin a build took 5-30 ms and the first
+    run after it up to ~85 ms more than a warm run (8 UTKFace files, 2 heavily shared cores;
+    benchmarks/decode_checks.py); on the GPU it is unmeasured. `rebuilds` counts them. The file
+    checks of `image_checks` keep most bad files out of DALI in the first place.
+    """
+
+    def __init__(self, device: torch.device, batch_size: int, num_threads: int,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, consumer_stream: "torch.cuda.Stream | None" = None):
         self.device = device
         self.name = "dali-gpu" if device.type == "cuda" else "dali-cpu"
+        self.max_pixels = max_pixels
+        self.rebuilds = 0  # pipelines built after the first
         self._batch_size = batch_size
         self._num_threads = num_threads
         if device.type == "cuda":
             self._device_id = device.index if device.index is not None else torch.cuda.current_device()
+            self._streams = DecodeStream(device, consumer_stream)
         else:
             self._device_id = None
-        self._pipe = None
-        self._rebuild()
+            self._streams = None
+        self._pipe = build_dali_pipeline(self._batch_size, self._num_threads, self._device_id)
+        self._check_pool = ThreadPoolExecutor(num_threads, thread_name_prefix="check")
 
     def decode(self, paths: Sequence[str | Path]) -> DecodedBatch:
-        positions, encoded, reasons = read_checked(paths)
+        positions, encoded, reasons = read_checked(paths, self.max_pixels, self._check_pool)
         views, kept = [], []
         # The graph takes at most batch_size samples per run.
         for start in range(0, len(encoded), self._batch_size):
@@ -383,37 +514,51 @@ class DaliDecoder:
                                                          positions[start: start + self._batch_size], reasons)
             views.append(chunk_views)
             kept += chunk_kept
-        return _batch(paths, kept, _concat(views, self.device), reasons)
+        if self._streams is None:
+            return _batch(paths, kept, _concat(views, self.device), reasons)
+        with torch.cuda.stream(self._streams.stream):
+            all_views = _concat(views, self.device)
+        self._streams.hand_over(all_views)
+        return _batch(paths, kept, all_views, reasons)
 
     def _decode_chunk(self, encoded: list[np.ndarray], positions: list[int],
                       reasons: dict[int, str]) -> tuple[torch.Tensor, list[int]]:
         try:
             return self._run(encoded), positions
-        except RuntimeError:
-            # One bad sample fails DALI's whole batch and leaves the pipeline "no longer valid":
-            # rebuild it (milliseconds) and run the files one at a time through the same graph.
-            self._rebuild()
+        except Exception:  # noqa: BLE001 - DALI raises RuntimeError, but no error type may end the job
+            self._ensure_usable()  # some file failed the whole batch: find it below
         views, kept = [], []
         for data, position in zip(encoded, positions):
             try:
                 views.append(self._run([data]))
                 kept.append(position)
-            except RuntimeError as error:
+            except Exception as error:  # noqa: BLE001 - this file is skipped with DALI's reason
                 reasons[position] = _dali_reason(error)
-                self._rebuild()
+                self._ensure_usable()
         return _concat(views, self.device), kept
+
+    def _ensure_usable(self) -> None:
+        """Rebuild the pipeline only if a known-good image no longer goes through it."""
+        try:
+            self._run([_probe_jpeg()])
+        except Exception:  # noqa: BLE001 - broken pipeline, whatever DALI raises
+            self._pipe = None  # let the old pipeline free its threads and buffers first
+            self._pipe = build_dali_pipeline(self._batch_size, self._num_threads, self._device_id)
+            self.rebuilds += 1
 
     def _run(self, encoded: list[np.ndarray]) -> torch.Tensor:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         (views,) = self._pipe.run(**{_DALI_INPUT: encoded})
         views = views.as_tensor()
-        out = torch.empty(views.shape(), dtype=torch.float32, device=self.device)
-        # Copy out of DALI's buffers, which the next run reuses; on CUDA, on torch's stream.
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        feed_ndarray(views, out, cuda_stream=stream)
+        if self._streams is None:
+            out = torch.empty(views.shape(), dtype=torch.float32)
+            feed_ndarray(views, out)
+            return out
+        # Copy out of DALI's buffers on our stream, and wait for it here: the next run reuses
+        # those buffers, and a copy queued behind the backbone's kernels would read the next batch.
+        with torch.cuda.stream(self._streams.stream):
+            out = torch.empty(views.shape(), dtype=torch.float32, device=self.device)
+            feed_ndarray(views, out, cuda_stream=self._streams.stream)
+        self._streams.stream.synchronize()
         return out
-
-    def _rebuild(self) -> None:
-        self._pipe = None  # let the old pipeline free its threads and buffers first
-        self._pipe = build_dali_pipeline(self._batch_size, self._num_threads, self._device_id)

@@ -7,6 +7,7 @@ explained in batches; a picture that cannot be read is reported and skipped.
 from __future__ import annotations
 
 import csv
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,7 +20,7 @@ from .dataset import IMAGE_SUFFIXES, collect_images
 from .device import resolve_device
 from .full_model import FullModel, load_full_models
 from .heads import HeadCheckpoint, load_checkpoint
-from .overlays import GridCell, overlay_rgb, resize_map, save_grid, save_overlay
+from .overlays import GridCell, overlay_rgb, resize_map, save_grid, save_overlay, save_titled
 
 
 def read_pictures(paths: Sequence[Path]) -> tuple[list[int], list[np.ndarray], list[tuple[str, str]]]:
@@ -77,15 +78,28 @@ def columns_for(labels: list[str], metas: list[dict]) -> list[Column]:
     return columns
 
 
+KEY_BYTES = 120  # output names add _<model>_<method>.png; file systems allow 255 bytes per name
+
+
 def image_key(path: Path) -> str:
-    """The file name without its image suffixes: 1_0_0_2017...jpg.chip.jpg -> 1_0_0_2017..."""
+    """The file name without its image suffixes: 1_0_0_2017...jpg.chip.jpg -> 1_0_0_2017...
+
+    A key longer than KEY_BYTES is cut and ends in a hash of the whole name, so that the
+    output names fit the file system and two long names still get different outputs.
+    """
     name = path.name
     while True:
         stem, dot, suffix = name.rpartition(".")
         if dot and ("." + suffix.lower()) in (*IMAGE_SUFFIXES, ".chip"):
             name = stem
         else:
-            return name or path.name
+            break
+    name = name or path.name
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= KEY_BYTES:
+        return name
+    digest = hashlib.sha256(path.name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return raw[:KEY_BYTES - 13].decode("utf-8", "ignore") + "-" + digest
 
 
 def _safe(text: str) -> str:
@@ -104,6 +118,40 @@ class ExplainConfig:
     device: str = "auto"
     weights: dict[str, str] = field(default_factory=dict)
     grid_rows: int = 20
+    precision: str = "auto"  # device.compute_precision, as featurize and predict
+    faces: str = "aligned"   # aligned: each picture is a face crop; detect: explain every face found (MTCNN)
+
+
+@dataclass
+class Item:
+    """One picture to explain: a whole aligned picture, or one face cut out of a photo (--faces detect)."""
+    path: Path
+    rgb: np.ndarray                  # what the model sees, HxWx3 uint8
+    face: int | None = None          # index of the face in its photo (largest first)
+    photo: np.ndarray | None = None  # the whole photo the face was cut from
+    aligned: object = None           # faces.AlignedFace: its box and crop->photo map
+
+
+def read_items(paths: Sequence[Path], face_mode) -> tuple[list[Item], list[tuple[str, str]]]:
+    """The pictures (face_mode None) or every face of every photo, and (path, reason) for the rest."""
+    if face_mode is None:
+        kept, pictures, bad = read_pictures(paths)
+        return [Item(paths[position], rgb) for position, rgb in zip(kept, pictures)], bad
+    from .face_crops import read_faces
+
+    found, bad = read_faces([str(p) for p in paths], face_mode)
+    return [Item(Path(picture.path), aligned.crop, k, picture.rgb, aligned)
+            for picture in found for k, aligned in enumerate(picture.faces)], bad
+
+
+def save_photo_overlay(path: Path, item: Item, cam: np.ndarray, lines: list[str]) -> Path:
+    """The crop's map pasted back into the whole photo (only where the crop came from), with the face's box."""
+    from .faces import paste_back
+    from .overlays import annotate_faces, overlay_in_region
+
+    values, inside = paste_back(item.photo, cam, item.aligned.to_picture)
+    picture = annotate_faces(overlay_in_region(item.photo, values, inside), [item.aligned.face.box], [str(item.face)])
+    return save_titled(path, picture, lines)
 
 
 def load_models(checkpoints: Sequence[Path], weights: dict[str, str], device: torch.device,
@@ -137,6 +185,11 @@ def explain_images(config: ExplainConfig, log: Callable[[str], None] = print,
     rest are explained. Returns {explained, failures, files}.
     """
     device = resolve_device(config.device)
+    face_mode = None
+    if config.faces != "aligned":
+        from .faces import make_face_mode
+
+        face_mode = make_face_mode(config.faces, device)
     if config.method not in METHODS:
         raise CamError(f"unknown method {config.method!r}; choose from {', '.join(METHODS)}")
     paths, failures = collect_images(config.inputs)
@@ -145,6 +198,8 @@ def explain_images(config: ExplainConfig, log: Callable[[str], None] = print,
     if not paths:
         raise CamError("no images to explain")
     models, ckpts, target = load_models(config.checkpoints, config.weights, device, config.target)
+    for model in models:
+        model.precision = config.precision
     class_names = list(ckpts[0].meta.get("class_names") or [])
     labels = checkpoint_labels([c.meta for c in ckpts], list(config.checkpoints))
     columns = columns_for(labels, [c.meta for c in ckpts])
@@ -159,21 +214,21 @@ def explain_images(config: ExplainConfig, log: Callable[[str], None] = print,
     explained = 0
     for start in range(0, len(paths), config.batch_size):
         batch_paths = paths[start:start + config.batch_size]
-        kept, pictures, bad = read_pictures(batch_paths)
+        items, bad = read_items(batch_paths, face_mode)
         for path, reason in bad:
             warn(f"error: {path}: {reason}")
         failures += bad
-        if not kept:
+        if not items:
             continue
-        x = to_model_input(pictures, device)
+        x = to_model_input([item.rgb for item in items], device)
         results = [explain_batch(model, x, target, config.method) for model in models]
-        for i, position in enumerate(kept):
-            path = batch_paths[position]
-            key = image_key(path)
+        for i, item in enumerate(items):
+            path = item.path
+            key = image_key(path) + ("" if item.face is None else f"_face{item.face}")
             used_keys[key] = used_keys.get(key, 0) + 1
             if used_keys[key] > 1:
                 key = f"{key}-{used_keys[key]}"
-            rgb = pictures[i]
+            rgb = item.rgb
             row_cells = []
             for column in columns:
                 result = results[column.model_index]
@@ -195,12 +250,18 @@ def explain_images(config: ExplainConfig, log: Callable[[str], None] = print,
                                    "predicted": class_names[pred], "probability": f"{probs[pred]:.4f}",
                                    "target": class_names[tgt], "target_probability": f"{probs[tgt]:.4f}",
                                    "overlay": png.name, "npy": Path(npy).name if npy else ""})
+                if item.face is not None:  # the map on the aligned crop, and pasted back into the photo
+                    photo_png = save_photo_overlay(out / f"{stem}_photo.png", item, cam, lines)
+                    files.append(photo_png)
+                    box = " ".join(f"{v:.1f}" for v in item.aligned.face.box)
+                    index_rows[-1].update({"face": item.face, "box": box, "score": f"{item.aligned.face.score:.4f}",
+                                           "photo_overlay": photo_png.name})
                 if len(grid_pictures) < config.grid_rows:
                     caption = f"{class_names[pred]} {probs[pred]:.2f}"
                     row_cells.append(GridCell(overlay_rgb(rgb, cam), caption))
             if len(grid_pictures) < config.grid_rows:
                 grid_pictures.append(rgb)
-                grid_names.append(path.name)
+                grid_names.append(path.name if item.face is None else f"{path.name}#{item.face}")
                 grid_cells.append(row_cells)
             explained += 1
         log(f"  {min(start + config.batch_size, len(paths))}/{len(paths)}")

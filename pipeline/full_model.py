@@ -18,8 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import FrozenBackbone, create_backbone, resolve_weights_id
+from .backbones import FrozenBackbone, create_backbone, fuse_conv_bn, resolve_weights_id
 from .constants import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
+from .device import compute_precision
+from .descriptors import kind_descriptors
 from .heads import HeadCheckpoint, assemble_features, load_checkpoint
 
 
@@ -53,10 +55,14 @@ class FullModel(nn.Module):
     def cam_layers(self) -> dict[str, nn.Module]:
         return {name: self.backbones[name].cam_layer for name in self.names}
 
+    # device.compute_precision setting: "auto" computes as featurize and predict do on the same device.
+    precision = "auto"
+
     def head_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, D_total] raw features, in the layout the head was trained on."""
-        pooled = {name: self.backbones[name](x) for name in self.names}
-        return assemble_features(pooled, self.names, self.feature_kind)
+        """[B, D_total] raw features (float32), in the layout the head was trained on."""
+        with compute_precision(x.device, self.precision):
+            pooled = {name: self.backbones[name](x) for name in self.names}
+        return assemble_features(pooled, self.names, self.feature_kind).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_inputs(x))
@@ -117,8 +123,13 @@ def load_full_model(checkpoint: str | Path | HeadCheckpoint, weights: dict[str, 
     backbones = {}
     for name in meta["backbones"]:
         key = (name, str(meta["weights"][name]))  # choose_weights checked that the weights have this id
+        needed = kind_descriptors(meta["feature_kind"])  # e.g. grid for a 'both+grid' head
         if key not in shared:
-            shared[key] = create_backbone(name, chosen[name])
+            # BatchNorm folded as in featurize (extract.BackboneRunner): the same graph gives the same
+            # features under autocast too; unfolded, bfloat16 moved them as far as bfloat16 vs float32 does.
+            shared[key] = fuse_conv_bn(create_backbone(name, chosen[name], needed))
+        else:  # the same module, now also returning this head's descriptors (weights are not copied)
+            shared[key] = shared[key].with_descriptors(needed)
         backbones[name] = shared[key]
     model = FullModel(backbones, ckpt.head, meta["feature_kind"], meta.get("class_names") or [])
     # channels_last: 1.3-1.9x faster convolutions on CPU and GPU (see extract.BackboneRunner).

@@ -8,7 +8,7 @@ inside as buffers, so `head(features)` takes the raw float32 features exactly
 as the feature file stores them (`assemble_features` builds the same layout
 from live backbone outputs).
 
-Two targets:
+Four targets:
   'group'  the paper's: C logits, cross-entropy.
   'age'    one output, the age in years (regression). Group scores are derived
            from it as an adjacent-categories ordinal model: log p(k)/p(k-1) =
@@ -16,6 +16,11 @@ Two targets:
            T a temperature fitted on the validation split. So the argmax of the
            scores is exactly the group the predicted age falls in, softmax gives
            probabilities, and every score is differentiable (Grad-CAM works).
+  'soft'   C logits trained with cross-entropy against soft labels from the age
+           (soft_group_targets: a Gaussian over years summed into groups).
+  'ordinal' C-1 cumulative logits, CORAL (Cao et al. 2020): one shared weight
+           vector and C-1 biases, P(group > j) = sigmoid(z_j); the scores are the
+           log group probabilities P(>k-1) - P(>k) (ordinal_group_probs).
 
 Checkpoint: a directory holding two files, neither of them a pickle:
   head.safetensors  the head's state dict (tensors only; safetensors cannot run code)
@@ -49,12 +54,12 @@ import torch
 from torch import nn
 
 from . import store
+from .descriptors import kind_outputs
 
 FORMAT = "utkface-age-head/1"
 WEIGHTS_FILE = "head.safetensors"
 META_FILE = "head.json"
-FEATURE_KINDS = ("last", "stages", "both")
-TARGETS = ("group", "age")
+TARGETS = ("group", "age", "soft", "ordinal")
 
 
 class HeadMismatch(ValueError):
@@ -90,7 +95,7 @@ class AgeHead(nn.Module):
         for h in self.hidden:
             layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
             width = h
-        layers.append(nn.Linear(width, self.n_classes if target == "group" else 1))
+        layers.append(nn.Linear(width, output_width(target, self.n_classes)))
         self.mlp = nn.Sequential(*layers)
         self.register_buffer("feature_mean", torch.zeros(self.in_dim))
         self.register_buffer("feature_std", torch.ones(self.in_dim))
@@ -113,8 +118,10 @@ class AgeHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         out = self.raw(features)
-        if self.target == "group":
+        if self.target in ("group", "soft"):
             return out
+        if self.target == "ordinal":
+            return ordinal_log_probs(out)
         return self.age_to_scores(out[:, 0] * self.age_scale + self.age_shift)
 
     def predict_age(self, features: torch.Tensor) -> torch.Tensor | None:
@@ -138,8 +145,46 @@ def ordinal_scores(age: torch.Tensor, thresholds: torch.Tensor, temperature) -> 
     softmax or argmax, but gives every class a non-zero gradient).
     """
     steps = (age.unsqueeze(-1) - thresholds) / temperature
-    scores = torch.cat([torch.zeros_like(steps[..., :1]), torch.cumsum(steps, dim=-1)], dim=-1)
+    # zeros from `age`, not from steps[..., :1]: with a single group there are no thresholds and no steps.
+    scores = torch.cat([torch.zeros_like(age).unsqueeze(-1), torch.cumsum(steps, dim=-1)], dim=-1)
     return scores - scores.mean(dim=-1, keepdim=True)
+
+
+def output_width(target: str, n_classes: int) -> int:
+    """The MLP's last width: C logits (group, soft), 1 age (age), C-1 cumulative logits (ordinal)."""
+    return {"group": n_classes, "soft": n_classes, "age": 1, "ordinal": n_classes - 1}[target]
+
+
+def soft_group_targets(ages: torch.Tensor, group_edges, sigma: float) -> torch.Tensor:
+    """Soft labels [n, C] from ages [n]: a Gaussian (sigma years) over the whole years 0..last edge, summed per group.
+
+    A 25-year-old (last year of 0-25) gets most of its mass on 0-25 and some on
+    26-50; a 40-year-old almost all on 26-50. Rows sum to 1.
+    """
+    years = torch.arange(0, int(group_edges[-1]) + 1, dtype=torch.float32, device=ages.device)
+    mass = torch.exp(-0.5 * ((years - ages.float().unsqueeze(1)) / float(sigma)) ** 2)      # [n, years]
+    group_of_year = torch.bucketize(years, torch.tensor([float(e) for e in group_edges[:-1]], device=ages.device),
+                                    right=False)                                            # year <= edge -> that group
+    onehot = torch.nn.functional.one_hot(group_of_year, len(group_edges)).float()           # [years, C]
+    summed = mass @ onehot
+    return summed / summed.sum(1, keepdim=True)
+
+
+def ordinal_group_probs(cumulative_logits: torch.Tensor) -> torch.Tensor:
+    """[B, C-1] logits of P(group > j) -> [B, C] group probabilities P(>k-1) - P(>k) (CORAL's model).
+
+    With CORAL's shared weights and non-increasing biases the differences are
+    never negative; they are clamped at 0 and renormalized in case they are.
+    """
+    above = torch.sigmoid(cumulative_logits.float())
+    ones, zeros = torch.ones_like(above[:, :1]), torch.zeros_like(above[:, :1])
+    probs = (torch.cat([ones, above], 1) - torch.cat([above, zeros], 1)).clamp_min(0)
+    return probs / probs.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def ordinal_log_probs(cumulative_logits: torch.Tensor) -> torch.Tensor:
+    """Group scores of an ordinal head: log of ordinal_group_probs (softmax of them gives the probabilities back)."""
+    return torch.log(ordinal_group_probs(cumulative_logits).clamp_min(1e-12))
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -186,8 +231,38 @@ def check_compatible(meta: dict, settings: dict) -> None:
     mine, theirs = meta.get("preprocessing"), settings.get("preprocessing")
     if mine and theirs and mine != theirs:
         problems.append(f"preprocessing: the head was trained on features made with {mine}; these use {theirs}")
+    # Face handling (featurize --faces): absent on either side means whole aligned crops, the only mode before.
+    mine_faces, their_faces = meta.get("faces"), settings.get("faces")
+    if mine_faces != their_faces:
+        problems.append(f"face handling (--faces): the head was trained on features made with "
+                        f"{mine_faces or 'aligned crops'}; these use {their_faces or 'aligned crops'}")
     if problems:
         raise HeadMismatch("this head does not fit these features:\n  " + "\n  ".join(problems))
+    _warn_other_compute(meta, settings)
+
+
+class ComputeWarning(UserWarning):
+    """The head's training features and these features were computed differently (device, precision, ...)."""
+
+
+def _warn_other_compute(meta: dict, settings: dict) -> None:
+    """Allowed, with a warning: same backbones, weights and preprocessing, computed another way.
+
+    The features then differ within featurize --verify's tolerance (e.g. float16
+    autocast on a GPU against float32 on the CPU), which a head tolerates; what
+    is refused is mixing computations inside one feature file (provenance.py).
+    """
+    from . import provenance
+
+    mine, theirs = meta.get("compute"), settings.get("compute")
+    if mine is None or theirs is None or mine == theirs:
+        return  # heads and files from before compute records carry none
+    import warnings
+
+    mixed = " (a file that mixes computations, made with --allow-mixed)" if provenance.is_mixed(settings) else ""
+    warnings.warn(f"the head was trained on features computed with {provenance.describe_all({'compute': mine})}; "
+                  f"these were computed with {provenance.describe_all(settings)}{mixed}. Allowed: they agree "
+                  f"within featurize --verify's tolerance, but scores can move slightly.", ComputeWarning, stacklevel=3)
 
 
 def _checkpoint_paths(path) -> tuple[Path, Path]:
@@ -204,8 +279,13 @@ def save_checkpoint(out, head: AgeHead, meta: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     weights_path, meta_path = folder / WEIGHTS_FILE, folder / META_FILE
     state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    bad = _non_finite(state)
+    if bad:
+        raise ValueError(f"refusing to save a head to {folder}: {bad} holds values that are not finite "
+                         f"(did training diverge?)")
     tmp = weights_path.with_name(weights_path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": FORMAT})
+    # The weights file repeats what the head was trained on, so that an edited head.json is caught at load.
+    save_file(state, str(tmp), metadata={"format": FORMAT, "identity": json.dumps(_identity(meta), sort_keys=True)})
     tmp.replace(weights_path)
     full = {"format": FORMAT, **meta}
     tmp = meta_path.with_name(meta_path.name + ".tmp")
@@ -216,7 +296,7 @@ def save_checkpoint(out, head: AgeHead, meta: dict) -> Path:
 
 def load_checkpoint(path, device: str | torch.device = "cpu") -> HeadCheckpoint:
     """Load a head safely: tensors via safetensors, meta via JSON; nothing is unpickled."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     weights_path, meta_path = _checkpoint_paths(path)
@@ -230,11 +310,25 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> HeadCheckpoint:
         raise CheckpointError(f"{meta_path} is not valid JSON: {err}") from err
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path} is not a head checkpoint (format {FORMAT!r} expected)")
+    missing = [k for k in IDENTITY_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{meta_path} is damaged: it lacks {', '.join(missing)}")
     try:
         state = load_file(str(weights_path), device="cpu")
+        stored = safe_open(str(weights_path), framework="pt").metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights_path} is not a safetensors file ({err}); "
                               f"pickled checkpoints are refused because loading them can run code") from err
+    if "identity" in stored:  # checkpoints saved before this check carry none
+        trained_on, described = json.loads(stored["identity"]), _identity(meta)
+        changed = [f"{k}: {WEIGHTS_FILE} was trained on {trained_on.get(k)!r}, {META_FILE} says {described.get(k)!r}"
+                   for k in IDENTITY_KEYS if trained_on.get(k) != described.get(k)]
+        if changed:
+            raise CheckpointError(f"{meta_path} was edited after training and no longer describes its weights:\n  "
+                                  + "\n  ".join(changed))
+    bad = _non_finite(state)
+    if bad:
+        raise CheckpointError(f"{weights_path}: {bad} holds values that are not finite; this head cannot be used")
     head = AgeHead(meta["feature_dim"], meta["hidden"], 0.0, meta["group_edges"], meta["target"])
     try:
         head.load_state_dict(state, strict=True)
@@ -244,6 +338,19 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> HeadCheckpoint:
     for p in head.parameters():
         p.requires_grad_(False)
     return HeadCheckpoint(head, meta)
+
+
+# What a head's weights mean: checked between head.json and head.safetensors at load.
+IDENTITY_KEYS = ("backbones", "weights", "feature_kind", "feature_dim", "hidden", "group_edges", "target")
+
+
+def _identity(meta: dict) -> dict:
+    return {k: _jsonable(meta.get(k)) for k in IDENTITY_KEYS}
+
+
+def _non_finite(state: dict) -> str | None:
+    """The name of the first tensor holding NaN or Inf, or None."""
+    return next((name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
 
 
 def _jsonable(value):
@@ -265,24 +372,24 @@ def _jsonable(value):
 
 
 def assemble_features(pooled: dict, backbones, kind: str) -> torch.Tensor:
-    """{name: (pooled [B, D], stages [B, S])} -> [B, D_total] in the training layout.
+    """{name: FrozenBackbone outputs {"features", "stages", descriptors...}} -> [B, D_total], the training layout.
 
-    Per backbone in order: 'last' -> pooled, 'stages' -> stages, 'both' ->
-    cat(pooled, stages); then concatenated over backbones.
+    Per backbone in order, the outputs the kind names (descriptors.kind_outputs:
+    'last' -> features, 'both' -> features + stages, 'both+grid' -> features +
+    stages + grid, ...); then concatenated over backbones, as store.read_features
+    and load_features lay them out.
     """
-    if kind not in FEATURE_KINDS:
-        raise ValueError(f"feature kind must be one of {FEATURE_KINDS}, not {kind!r}")
+    outputs = kind_outputs(kind)
     parts = []
     for name in backbones:
-        last, stages = pooled[name]
-        parts += {"last": [last], "stages": [stages], "both": [last, stages]}[kind]
+        found = pooled[name]
+        parts += [found[o] for o in outputs]
     return torch.cat([p.float() for p in parts], dim=1)
 
 
 def load_features(feature_file, backbones, kind: str = "last") -> np.ndarray:
     """[N, 2, D_total] float32 (view 0 plain, view 1 mirrored), backbones concatenated in order."""
-    if kind not in FEATURE_KINDS:
-        raise ValueError(f"--features must be one of {FEATURE_KINDS}, not {kind!r}")
+    kind_outputs(kind)  # an unknown kind fails here, before the file is opened
     arrays = [store.read_features(feature_file, name, kind) for name in backbones]
     if len(arrays) == 1:
         return arrays[0]
@@ -383,6 +490,7 @@ class TrainingSet:
     group_edges: list
     counts: dict
     rows_fingerprint: str
+    skipped: list = field(default_factory=list)   # (path, reason) of train/val rows left out
 
 
 def load_training_data(feature_file, backbones, kind: str = "last", split_file=None, device="cpu") -> TrainingSet:
@@ -396,11 +504,19 @@ def load_training_data(feature_file, backbones, kind: str = "last", split_file=N
     splits = effective_splits(feature_file, split_file, meta)
     features = load_features(feature_file, backbones, kind)
     edges = [int(e) for e in settings["group_edges"]]
+    # A NaN or Inf in one row would turn every weight into NaN: such train/val rows are left out, by name.
+    fingerprint = rows_fingerprint(meta["path"], meta["age"], splits)
+    broken = np.isin(splits, ("train", "val")) & ~np.isfinite(features).all(axis=(1, 2))
+    skipped = [(str(p), f"features not finite (NaN or Inf); left out of {s}")
+               for p, s in zip(meta["path"][broken], splits[broken])]
+    if broken.any():
+        splits = splits.copy()
+        splits[broken] = ""
     data = HeadData.from_arrays(features, meta["group"], meta["age"], splits, edges, device=device)
     counts = {s: int((splits == s).sum()) for s in ("train", "val", "test")}
     counts["unused"] = int(len(splits) - sum(counts.values()))
-    return TrainingSet(data, str(feature_file), list(backbones), kind, settings, edges, counts,
-                       rows_fingerprint(meta["path"], meta["age"], splits))
+    return TrainingSet(data, str(feature_file), list(backbones), kind, settings, edges, counts, fingerprint,
+                       skipped)
 
 
 def effective_splits(feature_file, split_file=None, meta: dict | None = None) -> np.ndarray:

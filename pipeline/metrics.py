@@ -36,6 +36,8 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
+from .labels import describe_label_source
+
 N_BINS = 15
 
 
@@ -177,6 +179,7 @@ class FeatureInputs:
         self.path = Path(feature_file)
         self.settings = read_settings(self.path)
         self.meta = read_meta(self.path)
+        self.dataset = describe_label_source(self.settings)
         self._cache: dict[tuple, np.ndarray] = {}
 
     def splits(self, split_file: Path | None = None) -> np.ndarray:
@@ -199,6 +202,62 @@ class FeatureInputs:
                 self._cache[key] = read_features(self.path, name, kind)[rows]
             parts.append(self._cache[key])
         return np.concatenate(parts, axis=2)
+
+
+def is_in_domain(meta: dict, inputs: "FeatureInputs") -> bool:
+    """True when a head is scored on its own training data: the same feature file (fingerprint), or a file
+    holding the same rows with the same labels and splits (e.g. the training file joined with another backbone)."""
+    from .heads import rows_fingerprint
+
+    if meta.get("feature_fingerprint") and meta.get("feature_fingerprint") == inputs.settings.get("fingerprint"):
+        return True
+    trained = meta.get("rows_fingerprint")
+    return trained is not None and trained == rows_fingerprint(inputs.meta["path"], inputs.meta["age"],
+                                                               inputs.meta["split"])
+
+
+def training_file_path(recorded: str | None, checkpoint_path=None) -> Path | None:
+    """Where the head's training feature file (head.json `feature_file`) is now.
+
+    Heads saved since the path is stored absolute name it exactly. Older ones hold the path as
+    given to train-head, relative to the folder it ran in: tried against the current folder, then
+    against the checkpoint folder's parent and the checkpoint folder (a run folder moved as a whole).
+    """
+    if not recorded:
+        return None
+    path = Path(recorded)
+    if path.is_absolute():
+        return path
+    candidates = [path]
+    if checkpoint_path is not None:
+        folder = Path(checkpoint_path)
+        folder = folder if folder.is_dir() else folder.parent
+        candidates += [folder.parent / path, folder / path]
+    return next((c for c in candidates if c.is_file()), path)
+
+
+def cross_dataset_overlap(meta: dict, scored_sha256, checkpoint_path=None) -> list[str]:
+    """Cross-dataset: how many scored images are byte-identical to images of the head's train/val split.
+
+    Read from the head's training feature file (head.json `feature_file`, see training_file_path) when
+    it is still there; otherwise say that the overlap could not be checked.
+    """
+    from .store import read_meta
+
+    source = training_file_path(meta.get("feature_file"), checkpoint_path)
+    try:
+        trained = read_meta(source) if source else None
+    except (OSError, ValueError, KeyError):
+        trained = None
+    if trained is None:
+        return [f"cross-dataset: the head's training feature file ({source or 'not recorded'}) cannot be read, "
+                f"so images shared by both datasets cannot be found"]
+    seen = set(trained["sha256"][np.isin(trained["split"].astype(str), ("train", "val"))].tolist())
+    shared = int(sum(sha in seen for sha in scored_sha256))
+    if not shared:
+        return []
+    return [f"cross-dataset: {shared} of the {len(scored_sha256)} scored images are byte-identical to images in "
+            f"the train/val split of the head's training file {source}"]
 
 
 def split_warnings(meta: dict, file_meta: dict, splits: np.ndarray, rows: np.ndarray, settings: dict) -> list[str]:
@@ -249,6 +308,10 @@ class Evaluation:
     ages_true: np.ndarray | None = None
     ages_pred: np.ndarray | None = None
     warnings: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)    # (path, reason) of rows of the split left out
+    features: str = ""                             # the scored feature file
+    dataset: str = ""                              # where its labels came from (dataset_description)
+    domain: str = "in-domain"                      # in-domain (the head's own data) or cross-domain
 
     def summary(self) -> dict:
         """The JSON-ready record of this evaluation."""
@@ -265,8 +328,12 @@ class Evaluation:
             **({"members": list(m["members"])} if "members" in m else {}),
             "split": self.split,
             "tta": self.tta,
+            "features": self.features,
+            "dataset": self.dataset,
+            "domain": self.domain,
             **self.metrics,
             "warnings": list(self.warnings),
+            "skipped": [list(row) for row in self.skipped],
         }
 
 
@@ -280,7 +347,7 @@ def evaluate_checkpoint(checkpoint, name: str, checkpoint_path, inputs: FeatureI
     meta = checkpoint.meta
     checkpoint.check_compatible(inputs.settings)
     splits = inputs.splits(split_file)
-    rows = np.flatnonzero(splits == split)
+    rows = np.arange(len(splits)) if split == "all" else np.flatnonzero(splits == split)
     if len(rows) == 0:
         source = f"split file {split_file}" if split_file is not None else f"feature file {inputs.path}"
         raise ValueError(f"no rows are in split {split!r} according to {source}")
@@ -288,6 +355,14 @@ def evaluate_checkpoint(checkpoint, name: str, checkpoint_path, inputs: FeatureI
     if "feature_dim" in meta and x.shape[2] != int(meta["feature_dim"]):
         raise ValueError(f"{checkpoint_path} expects {meta['feature_dim']} features per row but "
                          f"{inputs.path} gives {x.shape[2]} for {'+'.join(meta['backbones'])} ({meta['feature_kind']})")
+    # Rows whose features hold NaN or Inf would get NaN scores: leave them out, by name.
+    finite = np.isfinite(x).all(axis=(1, 2))
+    skipped = [(str(p), "features not finite (NaN or Inf) in the feature file")
+               for p in inputs.meta["path"][rows[~finite]]]
+    if not finite.all():
+        rows, x = rows[finite], x[finite]
+        if len(rows) == 0:
+            raise ValueError(f"every row of split {split!r} in {inputs.path} has non-finite features")
     prob_views, age_views = head_outputs(checkpoint, x)
     probs = combine_views(prob_views, tta)
     y_true = inputs.meta["group"][rows]
@@ -298,13 +373,21 @@ def evaluate_checkpoint(checkpoint, name: str, checkpoint_path, inputs: FeatureI
     metrics["mean_age_error"] = None
     if age_views is not None:
         ages_pred = combine_views(age_views, tta)
-        am = age_metrics(ages_true, ages_pred)
-        metrics["mae"], metrics["mean_age_error"] = am["mae"], am["mean_error"]
+        known = ages_true >= 0  # rows labelled with a group only (age -1) have no age to compare
+        if known.any():
+            am = age_metrics(ages_true[known], ages_pred[known])
+            metrics["mae"], metrics["mean_age_error"] = am["mae"], am["mean_error"]
 
-    warnings = split_warnings(meta, inputs.meta, splits, rows, inputs.settings)
+    in_domain = is_in_domain(meta, inputs)
+    if in_domain:
+        warnings = split_warnings(meta, inputs.meta, splits, rows, inputs.settings)
+    else:  # another dataset: its splits say nothing about the head's; shared images do
+        warnings = cross_dataset_overlap(meta, inputs.meta["sha256"][rows].tolist(), checkpoint_path)
     return Evaluation(name=name, checkpoint_path=str(checkpoint_path), meta=meta, split=split, tta=tta,
                       metrics=metrics, paths=list(inputs.meta["path"][rows]), y_true=y_true, probs=probs,
-                      ages_true=ages_true, ages_pred=ages_pred, warnings=warnings)
+                      ages_true=ages_true, ages_pred=ages_pred, warnings=warnings, skipped=skipped,
+                      features=str(inputs.path),
+                      dataset=inputs.dataset, domain="in-domain" if in_domain else "cross-domain")
 
 
 def ensemble_evaluation(members: list[Evaluation], name: str = "ensemble") -> Evaluation:
@@ -329,8 +412,10 @@ def ensemble_evaluation(members: list[Evaluation], name: str = "ensemble") -> Ev
     ages_pred = None
     if all(ev.ages_pred is not None for ev in members):
         ages_pred = np.mean([ev.ages_pred for ev in members], axis=0)
-        am = age_metrics(first.ages_true, ages_pred)
-        metrics["mae"], metrics["mean_age_error"] = am["mae"], am["mean_error"]
+        known = np.asarray(first.ages_true) >= 0  # as evaluate_checkpoint: group-only rows (age -1) have no age
+        if known.any():
+            am = age_metrics(np.asarray(first.ages_true)[known], ages_pred[known])
+            metrics["mae"], metrics["mean_age_error"] = am["mae"], am["mean_error"]
     backbones = list(dict.fromkeys(b for ev in members for b in ev.meta["backbones"]))
     kinds = list(dict.fromkeys(str(ev.meta.get("feature_kind")) for ev in members))
     meta = {
@@ -348,7 +433,9 @@ def ensemble_evaluation(members: list[Evaluation], name: str = "ensemble") -> Ev
     # The members' own warnings stand on their rows; repeating them here would print them twice.
     return Evaluation(name=name, checkpoint_path=" + ".join(ev.checkpoint_path for ev in members), meta=meta,
                       split=first.split, tta=first.tta, metrics=metrics, paths=list(first.paths),
-                      y_true=first.y_true, probs=probs, ages_true=first.ages_true, ages_pred=ages_pred)
+                      y_true=first.y_true, probs=probs, ages_true=first.ages_true, ages_pred=ages_pred,
+                      features=first.features, dataset=first.dataset,
+                      domain="+".join(dict.fromkeys(ev.domain for ev in members)))
 
 
 # --------------------------------------------------------------------------- comparison table
@@ -367,7 +454,7 @@ def paper_accuracy(meta: dict) -> float | None:
     return PAPER_TEST_ACCURACY.get(meta["backbones"][0])
 
 
-COLUMNS = ("checkpoint", "backbones", "features", "split", "n", "accuracy %", "paper accuracy %",
+COLUMNS = ("checkpoint", "backbones", "features", "split", "data", "domain", "n", "accuracy %", "paper accuracy %",
            "balanced acc %", "macro-F1 %", "off-by-one %", "ECE %", "MAE (years)")
 
 
@@ -378,18 +465,29 @@ def table_rows(evaluations: list[Evaluation]) -> list[list[str]]:
         paper = paper_accuracy(s)
         rows.append([
             ev.name, "+".join(s["backbones"]), str(s.get("feature_kind")), ev.split + (" +TTA" if ev.tta else ""),
-            str(m["n"]), _pct(m["accuracy"]), _pct(paper), _pct(m["balanced_accuracy"]), _pct(m["macro_f1"]),
+            Path(ev.features).name if ev.features else "—", ev.domain, str(m["n"]), _pct(m["accuracy"]), _pct(paper), _pct(m["balanced_accuracy"]), _pct(m["macro_f1"]),
             _pct(m["off_by_one"]), _pct(m["ece"]), "—" if m["mae"] is None else f"{m['mae']:.2f}",
         ])
     return rows
 
 
-def comparison_markdown(evaluations: list[Evaluation], feature_file: str, split_source: str) -> str:
-    """The Markdown comparison table across checkpoints, with the paper's Table 1 beside ours."""
-    lines = [
-        "# Age-group evaluation",
-        "",
-        f"Features: `{feature_file}`; rows: {split_source}.",
+def comparison_markdown(evaluations: list[Evaluation], feature_file, split_source: str) -> str:
+    """The Markdown comparison table across checkpoints, with the paper's Table 1 beside ours.
+
+    feature_file: one path, or several (cross-dataset evaluation: each row names its file in `data`
+    and says whether it is the head's own data, in-domain, or another data set, cross-domain).
+    """
+    files = [feature_file] if isinstance(feature_file, (str, Path)) else list(feature_file)
+    datasets = {}
+    for ev in evaluations:
+        datasets.setdefault(ev.features, ev.dataset)
+    lines = ["# Age-group evaluation", ""]
+    if len(files) == 1:
+        lines.append(f"Features: `{files[0]}`; rows: {split_source}.")
+    else:
+        lines.append(f"Rows: {split_source}. Feature files (column `data`):")
+        lines += [f"- `{f}`: {datasets.get(str(f), '')}" for f in files]
+    lines += [
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" if i < 4 else "---:" for i in range(len(COLUMNS))) + "|",
@@ -401,6 +499,8 @@ def comparison_markdown(evaluations: list[Evaluation], feature_file: str, split_
         "70/15/15 test split), shown for single-backbone heads on the default groups, else —.",
         f"ECE: {N_BINS} equal-width confidence bins. Off-by-one: predicted group is the true one or a neighbour. "
         "Balanced acc: mean per-group recall. +TTA: plain and mirrored views' probabilities averaged.",
+        "Domain: in-domain = the head's own training data (same feature file, or the same rows, labels and "
+        "splits); cross-domain = another data set.",
         "",
     ]
     for ev in evaluations:
@@ -411,9 +511,9 @@ def comparison_markdown(evaluations: list[Evaluation], feature_file: str, split_
 
 def terminal_table(evaluations: list[Evaluation]) -> str:
     """A compact fixed-width table for the terminal."""
-    cols = ("checkpoint", "split", "n", "acc%", "paper%", "bal%", "F1%", "±1%", "ECE%", "MAE")
-    picks = (0, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+    cols = ("checkpoint", "split", "data", "n", "acc%", "paper%", "bal%", "F1%", "±1%", "ECE%", "MAE")
+    picks = (0, 3, 4, 6, 7, 8, 9, 10, 11, 12, 13)
     rows = [[row[i] for i in picks] for row in table_rows(evaluations)]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    fmt = lambda r: "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+    fmt = lambda r: "  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
     return "\n".join([fmt(cols), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])

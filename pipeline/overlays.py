@@ -48,13 +48,26 @@ def save_overlay(path: Path, rgb: np.ndarray, cam: np.ndarray, title_lines: Sequ
 
     The title also goes into the PNG's "Title" text field.
     """
+    return save_titled(path, overlay_rgb(rgb, cam), title_lines)
+
+
+def overlay_in_region(rgb: np.ndarray, cam: np.ndarray, inside: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """HxWx3 uint8: the map blended over the picture only where `inside` is true (a face's crop pasted back),
+    scaled to its maximum there; the rest of the picture is left as it is."""
+    cam = np.where(inside, np.asarray(cam, np.float32), 0.0)
+    blended = overlay_rgb(rgb, cam, alpha)
+    return np.where(inside[..., None], blended, rgb)
+
+
+def save_titled(path: Path, picture: np.ndarray, title_lines: Sequence[str]) -> Path:
+    """PNG of W x (band + H): a title band above an HxWx3 uint8 picture (also in the PNG's "Title" field)."""
     from PIL import Image, ImageDraw
     from PIL.PngImagePlugin import PngInfo
 
-    height, width = rgb.shape[:2]
+    height, width = picture.shape[:2]
     band = title_band_height(width, len(title_lines))
     canvas = Image.new("RGB", (width, band + height), (255, 255, 255))
-    canvas.paste(Image.fromarray(overlay_rgb(rgb, cam)), (0, band))
+    canvas.paste(Image.fromarray(np.ascontiguousarray(picture)), (0, band))
     draw = ImageDraw.Draw(canvas)
     size = max(10, width // 18)
     for i, line in enumerate(title_lines):
@@ -96,3 +109,22 @@ def save_grid(path: Path, originals: list[np.ndarray], names: list[str], columns
         axes[0][c + 1].set_title(column, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path, dpi=100)
+
+
+def annotate_faces(rgb: np.ndarray, boxes: Sequence[Sequence[float]], labels: Sequence[str]) -> np.ndarray:
+    """HxWx3 uint8: the picture with each face's box drawn and its label written above it (predict --faces)."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.fromarray(np.ascontiguousarray(rgb))
+    draw = ImageDraw.Draw(canvas)
+    height, width = rgb.shape[:2]
+    line = max(2, round(max(height, width) / 300))
+    for (x0, y0, x1, y1), label in zip(boxes, labels):
+        size = max(10, round((y1 - y0) / 6))
+        font = _font(size)
+        draw.rectangle([x0, y0, x1, y1], outline=(255, 40, 40), width=line)
+        left, top, right, bottom = draw.textbbox((x0, y0), label, font=font)
+        ty = y0 - (bottom - top) - 2 * line if y0 - (bottom - top) - 2 * line >= 0 else y1 + line
+        draw.rectangle([x0, ty, x0 + (right - left) + 2 * line, ty + (bottom - top) + 2 * line], fill=(255, 40, 40))
+        draw.text((x0 + line, ty + line - (top - y0)), label, fill=(255, 255, 255), font=font)
+    return np.asarray(canvas)

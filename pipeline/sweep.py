@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -33,7 +34,8 @@ import numpy as np
 import torch
 
 from .constants import PAPER_HEAD, group_names
-from .heads import AgeHead, HeadData, age_thresholds, ordinal_scores
+from .heads import (TARGETS, AgeHead, HeadData, age_thresholds, ordinal_group_probs, ordinal_scores, output_width,
+                    soft_group_targets)
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -54,22 +56,38 @@ class HeadConfig:
     class_weights: bool = False        # loss weights n / (C * count_c) from the training split
     standardize: bool = False          # z-score features with training-split statistics
     flip: bool = True                  # plain or mirrored view, p = 0.5, every epoch
-    target: str = "group"              # or "age" (regression in years, groups derived)
+    target: str = "group"              # or "age" (regression in years, groups derived), "soft", "ordinal"
     seed: int = 0
+    soft_sigma: float = 3.0            # years: width of the Gaussian behind the soft targets (target "soft")
 
     def __post_init__(self):
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be constant or cosine, not {self.schedule!r}")
-        if self.target not in ("group", "age"):
-            raise ValueError(f"target must be group or age, not {self.target!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, not {self.target!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label smoothing must be in [0, 1), not {self.label_smoothing}")
-        if self.target == "age" and self.label_smoothing:
+        if self.target != "group" and self.label_smoothing:
             raise ValueError("label smoothing applies to the group target only")
-        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or not self.hidden:
-            raise ValueError(f"invalid recipe: {self}")
+        if not (math.isfinite(self.soft_sigma) and self.soft_sigma > 0):
+            raise ValueError(f"soft sigma (--soft-sigma) must be a number of years above 0, not {self.soft_sigma}")
+        # Each problem names its field (and the option that sets it); NaN fails every comparison, so check it first.
+        for name in ("lr", "dropout", "weight_decay", "label_smoothing"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name.replace('_', ' ')} (--{name.replace('_', '-')}) must be a finite number, "
+                                 f"not {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr (--lr) must be above 0, not {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight decay (--weight-decay) must be 0 or more, not {self.weight_decay}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs (--epochs) must be at least 1, not {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size (--batch-size) must be at least 1, not {self.batch_size}")
+        if not self.hidden:
+            raise ValueError("hidden (--hidden) needs at least one layer width")
 
     def shape_key(self):
         """Configurations with equal keys can be trained as one stacked computation."""
@@ -105,6 +123,7 @@ class HeadResult:
     metrics: dict = field(default_factory=dict)
     seconds: float = 0.0
     keep: str = "best"
+    diverged: str | None = None   # why training stopped making sense (non-finite loss or weights), else None
 
     def to_head(self, group_edges) -> AgeHead:
         cfg = self.config
@@ -377,13 +396,18 @@ def _train_stack(data: HeadData, configs: list[HeadConfig], keep: str = "best") 
     device = data.device
     K, B, C = len(configs), cfg0.batch_size, data.n_classes
     regression = cfg0.target == "age"
+    ordinal = cfg0.target == "ordinal"
+    if cfg0.target in AGE_TARGETS and bool((data.train_age < 0).any() or (data.val_age < 0).any()):
+        raise ValueError(missing_ages_message(cfg0.target))
     train, val = data.tables(cfg0.standardize)
     n, D = train.shape[0], train.shape[2]
     table = train.reshape(2 * n, D)  # row 2i: image i plain, 2i+1: mirrored
-    sizes = [D, *cfg0.hidden, 1 if regression else C]
+    sizes = [D, *cfg0.hidden, output_width(cfg0.target, C)]
     L = len(sizes) - 1
     hidden_total = sum(cfg0.hidden)
     net = _Stack(configs, sizes, device)
+    if ordinal:
+        _init_coral(net, data)
 
     # Per-config constants, shaped to broadcast over [K, b, h].
     thresholds16 = torch.tensor([keep_threshold(c.dropout) - 32768 for c in configs], dtype=torch.int32,
@@ -397,6 +421,12 @@ def _train_stack(data: HeadData, configs: list[HeadConfig], keep: str = "best") 
         target_all = (data.train_age - age_shift) / age_scale   # [n]
         beta = HUBER_YEARS / age_scale
         thresholds = age_thresholds(data.group_edges, device)
+    elif ordinal:
+        # CORAL: binary cross-entropy of each cumulative logit z_j against [group > j], summed over j,
+        # class-weighted per row and averaged over the batch as cross-entropy is. dLoss/dz_j = sigmoid(z_j) - t_j.
+        above_all = (data.train_group.unsqueeze(1) > torch.arange(C - 1, device=device)).float()   # [n, C-1]
+        soft_val = None
+        T = None
     else:
         # Cross-entropy with class weights w and label smoothing e, as torch's:
         # loss_i = -sum_c T[y_i, c] log p_ic, T[y, c] = (1-e) w_y [y=c] + e w_c / C,
@@ -404,6 +434,14 @@ def _train_stack(data: HeadData, configs: list[HeadConfig], keep: str = "best") 
         eps = torch.tensor([c.label_smoothing for c in configs], device=device).view(K, 1, 1)
         eye = torch.eye(C, device=device)
         T = (1 - eps) * weights.unsqueeze(2) * eye + eps * weights.unsqueeze(1) / C     # [K, y, c]
+        # Soft targets replace the one-hot row by the age's soft label (class weight of the true group kept):
+        # T_i = w_{y_i} q_i, so the gradient keeps the same form, (sum_c T_ic) p_i - T_i.
+        soft_rows = soft_val = None
+        if cfg0.target == "soft":
+            soft_rows = torch.stack([soft_group_targets(data.train_age, data.group_edges, c.soft_sigma)
+                                     for c in configs])                                # [K, n, C]
+            soft_val = torch.stack([soft_group_targets(data.val_age, data.group_edges, c.soft_sigma)
+                                    for c in configs])                                 # [K, n_val, C]
 
     steps_per_epoch = math.ceil(n / B)
     total_steps = steps_per_epoch * cfg0.epochs
@@ -416,6 +454,7 @@ def _train_stack(data: HeadData, configs: list[HeadConfig], keep: str = "best") 
     history = [[] for _ in range(K)]
     best_acc = [-1.0] * K
     best_epoch = [0] * K
+    diverged: list[str | None] = [None] * K
     ar = torch.arange(K, device=device).view(K, 1)
     for epoch in range(cfg0.epochs):
         # Everything per row that does not depend on the weights, for the whole epoch at once.
@@ -429,8 +468,14 @@ def _train_stack(data: HeadData, configs: list[HeadConfig], keep: str = "best") 
         if regression:
             tgt_epoch = target_all[order]                                       # [K, n]
             w_over = (w_epoch * inv_norm / beta).unsqueeze(2)                   # [K, n, 1]
+        elif ordinal:
+            above_epoch = above_all[order]                                      # [K, n, C-1]
+            w_row = (w_epoch * inv_norm).unsqueeze(2)                           # [K, n, 1]
         else:
-            T_epoch = T[ar, grp_epoch] * inv_norm.unsqueeze(2)                  # [K, n, C], batch-normalized
+            if soft_rows is not None:
+                T_epoch = soft_rows[ar, order] * (w_epoch * inv_norm).unsqueeze(2)
+            else:
+                T_epoch = T[ar, grp_epoch] * inv_norm.unsqueeze(2)              # [K, n, C], batch-normalized
             s_epoch = T_epoch.sum(2, keepdim=True)                              # [K, n, 1]
         outputs = []
         for step, lo in enumerate(starts):
@@ -455,6 +500,8 @@ def _train_stack(data: HeadData, configs: list[HeadConfig], keep: str = "best") 
             # computed from the stored outputs once per epoch.
             if regression:
                 dZ = (Z - tgt_epoch[:, lo:hi].unsqueeze(2)).clamp_(-beta, beta).mul_(w_over[:, lo:hi])
+            elif ordinal:
+                dZ = torch.sigmoid(Z).sub_(above_epoch[:, lo:hi]).mul_(w_row[:, lo:hi])
             else:
                 dZ = torch.softmax(Z, dim=2).mul_(s_epoch[:, lo:hi]).sub_(T_epoch[:, lo:hi])
             # Backward, straight into the gradient buffers.
@@ -464,6 +511,8 @@ def _train_stack(data: HeadData, configs: list[HeadConfig], keep: str = "best") 
                 torch.sum(dA, 1, out=net.gb[l])
                 if l > 0:
                     dA = torch.bmm(dA, net.W[l].transpose(1, 2)).mul_(masks[l - 1])
+            if ordinal:
+                _tie_coral_gradient(net.gW[L - 1])
             t = epoch * steps_per_epoch + step
             for group in net.adam:
                 lr = group["lr"]
@@ -479,6 +528,9 @@ def _train_stack(data: HeadData, configs: list[HeadConfig], keep: str = "best") 
             per = _huber(r, beta) * w_epoch * inv_norm                          # batch-mean terms
             pred_group = ((Z[:, :, 0] * age_scale + age_shift).unsqueeze(2) > thresholds).sum(2)
             train_mae = ((r.abs() * age_scale).sum(1) / n).tolist()
+        elif ordinal:
+            per = _coral_loss(Z, above_epoch) * w_epoch * inv_norm
+            pred_group = ordinal_group_probs(Z.reshape(K * n, -1)).reshape(K, n, C).argmax(2)
         else:
             per = -(T_epoch * torch.log_softmax(Z, dim=2)).sum(2)
             pred_group = Z.argmax(2)
@@ -487,8 +539,15 @@ def _train_stack(data: HeadData, configs: list[HeadConfig], keep: str = "best") 
         # Validation: the plain view, no dropout.
         val_out = _evaluate(net.W, net.b, val, data.val_group, data.val_age, configs, weights,
                             (age_shift, age_scale, beta, thresholds) if regression else None,
-                            None if regression else T)
+                            None if regression else T, soft_val=None if regression else soft_val, ordinal=ordinal)
         improved = []
+        # A head whose loss or weights stopped being finite has diverged: it keeps its last finite best
+        # weights, is flagged, and is never picked (the other heads of the stack are independent of it).
+        finite = torch.stack([torch.isfinite(t).flatten(1).all(1) for t in (*net.W, *net.b)]).all(0).tolist()
+        for k in range(K):
+            if diverged[k] is None and not (finite[k] and math.isfinite(train_loss[k])):
+                diverged[k] = (f"diverged in epoch {epoch + 1} (non-finite loss or weights); "
+                               f"lower --lr (was {configs[k].lr:g}) or standardize the features")
         for k in range(K):
             entry = {"epoch": epoch + 1, "train_loss": train_loss[k], "train_acc": train_acc[k],
                      "val_loss": val_out["loss"][k], "val_acc": val_out["acc"][k]}
@@ -496,7 +555,7 @@ def _train_stack(data: HeadData, configs: list[HeadConfig], keep: str = "best") 
                 entry["train_mae"] = train_mae[k]
                 entry["val_mae"] = val_out["mae"][k]
             history[k].append(entry)
-            if val_out["acc"][k] > best_acc[k] or keep == "last":  # ties keep the earlier epoch
+            if diverged[k] is None and (val_out["acc"][k] > best_acc[k] or keep == "last"):  # ties: earlier
                 best_acc[k], best_epoch[k] = val_out["acc"][k], epoch + 1
                 improved.append(k)
         net.keep_best(improved)
@@ -507,12 +566,41 @@ def _train_stack(data: HeadData, configs: list[HeadConfig], keep: str = "best") 
     for k, cfg in enumerate(configs):
         params = [(bw[k].detach().cpu().clone(), bb[k].detach().cpu().clone()) for bw, bb in net.best]
         res = HeadResult(cfg, history[k], best_epoch[k], params, mean.cpu().clone(), std.cpu().clone(),
-                         seconds=seconds, keep=keep)
+                         seconds=seconds, keep=keep, diverged=diverged[k])
         if regression:
             res.age_shift, res.age_scale = age_shift, age_scale
         results.append(res)
     _final_metrics(data, results, val)
     return results
+
+
+def _init_coral(net: "_Stack", data: HeadData) -> None:
+    """CORAL's last layer: one weight column shared by the C-1 cumulative logits, biases from the training prevalence.
+
+    The shared column is kept shared by giving every column the same (summed)
+    gradient (_tie_coral_gradient): equal values, equal gradients and equal Adam
+    state stay equal. Starting the biases at logit P(group > j) makes them
+    non-increasing from the first step, which CORAL's rank consistency needs.
+    """
+    C = data.n_classes
+    W, b = net.W[-1], net.b[-1]
+    with torch.no_grad():
+        W.copy_(W[:, :, :1].expand_as(W))
+        above = (data.train_group.unsqueeze(1) > torch.arange(C - 1, device=W.device)).float().mean(0)
+        b.copy_(torch.logit(above.clamp(1e-4, 1 - 1e-4)).expand_as(b))
+        for (bw, bb), w, bias in zip(net.best, net.W, net.b):
+            bw.copy_(w)
+            bb.copy_(bias)
+
+
+def _tie_coral_gradient(grad_w: torch.Tensor) -> None:
+    """[K, h, C-1] per-column gradients -> each column the sum: the gradient of the one shared weight vector."""
+    grad_w.copy_(grad_w.sum(2, keepdim=True).expand_as(grad_w))
+
+
+def _coral_loss(z: torch.Tensor, above: torch.Tensor) -> torch.Tensor:
+    """Per row: sum over j of the binary cross-entropy of logit z_j against [group > j]."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(z, above, reduction="none").sum(-1)
 
 
 def _huber(r: torch.Tensor, beta: float) -> torch.Tensor:
@@ -541,8 +629,11 @@ def _mlp(W, b, x, k):
 
 
 @torch.no_grad()
-def _evaluate(W, b, x, groups, ages, configs, weights, age_info, T, chunk=4096):
-    """Loss, accuracy (and MAE for age heads) of each stacked head on [n, D] features, no dropout."""
+def _evaluate(W, b, x, groups, ages, configs, weights, age_info, T, chunk=4096, soft_val=None, ordinal=False):
+    """Loss, accuracy (and MAE for age heads) of each stacked head on [n, D] features, no dropout.
+
+    soft_val: [K, n, C] soft labels of these rows (soft heads); ordinal: CORAL heads (C-1 cumulative logits).
+    """
     regression = age_info is not None
     losses, accs, maes = [], [], []
     for k, cfg in enumerate(configs):
@@ -558,6 +649,13 @@ def _evaluate(W, b, x, groups, ages, configs, weights, age_info, T, chunk=4096):
                 per = _huber(r, beta) * w
                 pred = ((z[:, 0] * scale + shift).unsqueeze(1) > thresholds).sum(1)
                 err += float((r.abs() * scale).sum())
+            elif ordinal:
+                above = (y.unsqueeze(1) > torch.arange(z.shape[1], device=z.device)).float()
+                per = _coral_loss(z, above) * w
+                pred = ordinal_group_probs(z).argmax(1)
+            elif soft_val is not None:
+                per = -(soft_val[k][lo:lo + chunk] * torch.log_softmax(z, dim=1)).sum(1) * w
+                pred = z.argmax(1)
             else:
                 logp = torch.log_softmax(z, dim=1)
                 per = -(T[k][y] * logp).sum(1)   # class weights are inside T
@@ -587,9 +685,20 @@ def _final_metrics(data: HeadData, results: list[HeadResult], val) -> None:
             res.temperature = fit_temperature(age, data.val_group, thresholds)
             pred = (age.unsqueeze(1) > thresholds).sum(1)
             res.metrics["val_mae"] = float((age - data.val_age).abs().mean())
+        elif res.config.target == "ordinal":
+            pred = ordinal_group_probs(z).argmax(1)
         else:
             pred = z.argmax(1)
         res.metrics["val_acc"] = float((pred == data.val_group).double().mean())
+
+
+AGE_TARGETS = ("age", "soft")   # targets computed from the age in years, not only the group
+
+
+def missing_ages_message(target: str) -> str:
+    """labels.AGE_UNKNOWN (-1): a labels file or class folder gave only the group of some rows."""
+    return (f"--target {target} needs an age for every train and val row; this file has rows labelled with a "
+            f"group only (stored age -1, from a 'group' label column or a range folder)")
 
 
 def fit_temperature(age_pred: torch.Tensor, groups: torch.Tensor, thresholds: torch.Tensor) -> float:
@@ -605,7 +714,8 @@ def result_meta(loaded, result: HeadResult, split_file=None, rank: int = 1, n_co
     config = {**result.config.as_dict(), "split_file": str(split_file) if split_file else None,
               "optimizer": "adamw" if result.config.weight_decay else "adam",
               "adam_betas": list(ADAM_BETAS), "adam_eps": ADAM_EPS,
-              "loss": "huber" if result.config.target == "age" else "cross_entropy",
+              "loss": {"age": "huber", "soft": "soft_cross_entropy", "ordinal": "coral_binary_cross_entropy"}.get(
+                  result.config.target, "cross_entropy"),
               "huber_years": HUBER_YEARS if result.config.target == "age" else None,
               "keep": result.keep, "selection": ("best validation accuracy (earliest on ties)"
                                                  if result.keep == "best" else "last epoch")}
@@ -618,8 +728,10 @@ def result_meta(loaded, result: HeadResult, split_file=None, rank: int = 1, n_co
         "target": result.config.target,
         "feature_fingerprint": settings["fingerprint"],
         "rows_fingerprint": loaded.rows_fingerprint,
-        "feature_file": str(loaded.feature_file),
+        "feature_file": os.path.abspath(loaded.feature_file),  # absolute: evaluate may run from another folder
         "preprocessing": settings.get("preprocessing"),
+        "faces": settings.get("faces"),  # face handling of the training features (None: whole aligned crops)
+        "compute": settings.get("compute"),  # how the training features were computed (provenance.py)
         "feature_dim": int(result.params[0][0].shape[0]),
         "hidden": list(result.config.hidden),
         "config": config,

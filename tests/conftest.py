@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/synthetic.py, tests/imagefactory.py
@@ -26,6 +27,38 @@ def real_data_reason() -> str | None:
     if not torch_home or not (Path(torch_home) / "hub" / "checkpoints").is_dir():
         return "TORCH_HOME is not set to a folder with hub/checkpoints (ImageNet weights)"
     return None
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_gpu(request, monkeypatch):
+    """Every test runs on the CPU unless it is marked gpu; a gpu test skips without CUDA.
+
+    On a CUDA host, `--device auto` (the default of every command) would turn a CPU
+    test into a float16-autocast GPU test judged at CPU tolerances. torch.cuda.is_available
+    is what every "auto" asks (pipeline.device, decode.make_decoder), so it answers False
+    here; CUDA_VISIBLE_DEVICES="" does the same for subprocesses the test starts.
+    """
+    if request.node.get_closest_marker("gpu"):
+        if not torch.cuda.is_available():
+            if os.environ.get("FROZEN_AGE_REQUIRE_GPU"):  # a GPU run must not pass by skipping its GPU tests
+                pytest.fail("marked gpu and FROZEN_AGE_REQUIRE_GPU is set, but torch sees no CUDA GPU")
+            pytest.skip("marked gpu: needs a CUDA GPU, and torch sees none here")
+        return
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory):
+    """ONNX exports of this test session go to a temporary folder, not the user's cache."""
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    saved = os.environ.get("FROZEN_AGE_ONNX_CACHE")
+    os.environ["FROZEN_AGE_ONNX_CACHE"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("FROZEN_AGE_ONNX_CACHE", None)
+    else:
+        os.environ["FROZEN_AGE_ONNX_CACHE"] = saved
 
 
 def face_like(seed: int, size: int = 200) -> np.ndarray:

@@ -20,9 +20,10 @@ def test_output_widths_and_frozen(name):
     assert not model.training and not any(m.training for m in model.modules())
     assert not any(p.requires_grad for p in model.parameters())
     with torch.inference_mode():
-        pooled, stages = model(torch.randn(2, 3, 224, 224))
-    assert pooled.shape == (2, spec.feature_width)
-    assert stages.shape == (2, spec.stages_width)
+        out = model(torch.randn(2, 3, 224, 224))
+    assert list(out) == list(model.output_names) == ["features", "stages"]
+    assert out["features"].shape == (2, spec.feature_width)
+    assert out["stages"].shape == (2, spec.stages_width)
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))
@@ -35,7 +36,7 @@ def test_pooled_equals_torchvision_classifier_input(name):
     x = torch.randn(1, 3, 224, 224)
     with torch.inference_mode():
         model.model(x)
-        pooled, _ = model(x)
+        pooled = model(x)["features"]
     handle.remove()
     torch.testing.assert_close(pooled, captured["x"], rtol=1e-5, atol=1e-5)
 
@@ -67,8 +68,9 @@ def test_channels_last_changes_features_only_by_float_rounding():
     with torch.inference_mode():
         plain = model(x)
         fast = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
-    for a, b in zip(plain, fast):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert list(plain) == list(fast)
+    for key in plain:
+        torch.testing.assert_close(plain[key], fast[key], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "resnet50"])
@@ -86,8 +88,8 @@ def test_folding_batchnorm_changes_features_only_by_float_rounding(name):
         reference = model(x)
         fused = fuse_conv_bn(model)(x)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    for a, b in zip(reference, fused):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+    for key, a in reference.items():
+        torch.testing.assert_close(fused[key], a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
 
 
 def test_parse_backbones():

@@ -275,7 +275,7 @@ def test_explain_command_writes_overlays_npy_grid_and_survives_bad_files(cached)
     result = CliRunner().invoke(main, [str(folder), "-c", a, "-c", b, "-o", str(out), "--save-npy",
                                        "--device", "cpu", "--batch-size", "2",
                                        "--weights", f"mobilenet_v2={cached['weights']['mobilenet_v2']}"])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 3, result.output  # finished, some inputs skipped (pipeline/cli/exit_codes.py)
     assert "cut.jpg" in result.output and "truncated" in result.output
     assert "noise.jpg" in result.output and "not a JPEG or PNG" in result.output
     assert "explained 3 image(s)" in result.output

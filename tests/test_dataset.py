@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from collections import Counter
 
 import numpy as np
@@ -142,3 +143,79 @@ def test_split_file_errors_name_the_problem(tmp_path):
     bad_split.write_text("file,split\na.jpg,train\nb.jpg,holdout\n")
     with pytest.raises(ValueError, match="line 3.*holdout"):
         read_split_file(bad_split)
+
+
+def test_split_file_encodings_bom_and_duplicates(tmp_path):
+    # A UTF-8 BOM (Excel's "CSV UTF-8") is accepted.
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("\ufefffile,split\nJosé.jpg,train\n".encode("utf-8"))
+    assert read_split_file(bom) == {"José.jpg": "train"}
+    # Latin-1 is refused, naming the file, the byte and the line.
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("file,split\nJosé.jpg,train\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"split file .*latin1.csv is not UTF-8 text: byte 0xe9 at offset 14 \(line 2\)"):
+        read_split_file(latin1)
+    # The same file twice with the same split is harmless; with another split it is refused (it was: last one wins).
+    same = tmp_path / "same.csv"
+    same.write_text("file,split\na.jpg,train\na.jpg,train\n")
+    assert read_split_file(same) == {"a.jpg": "train"}
+    conflict = tmp_path / "conflict.csv"
+    conflict.write_text("file,split\na.jpg,train\nb.jpg,val\na.jpg,test\n")
+    with pytest.raises(ValueError, match=r"conflict.csv line 4: 'a.jpg' is listed again with split 'test', "
+                                         r"but line 2 puts it in 'train'"):
+        read_split_file(conflict)
+    no_value = tmp_path / "short.csv"
+    no_value.write_text("file,split\na.jpg\n")
+    with pytest.raises(ValueError, match="short.csv line 2: no split value"):
+        read_split_file(no_value)
+
+
+def test_an_empty_split_is_warned_about(tmp_path):
+    from pipeline.dataset import empty_split_warnings, split_counts
+    from pipeline.extract import FeaturizeConfig, make_plan
+
+    # 21 images over four groups, as in the report: the seeded split left test empty and said nothing.
+    write_utk_folder(tmp_path, [10] * 5 + [30] * 5 + [60] * 5 + [90] * 6)
+    plan = make_plan(FeaturizeConfig(data_dir=tmp_path, out=tmp_path / "f.h5", backbones=("mobilenet_v2",),
+                                     weights={"mobilenet_v2": "none"}, device="cpu"))
+    counts = split_counts(plan.meta["split"])
+    assert sum(counts.values()) == 21
+    empty = [s for s in ("train", "val", "test") if counts.get(s, 0) == 0]
+    assert empty == ["test"]  # strata of 5-6 units: 70 % and 15 % are reached before any test share
+    assert [w.split("'")[1] for w in plan.warnings] == empty
+    assert all("is empty" in w for w in plan.warnings)
+    assert empty_split_warnings(["train", "val", "test"]) == []
+
+
+def test_split_file_bare_names_match_only_when_unique(tmp_path):
+    """Two class folders each holding 001.jpg: a bare-name entry cannot say which, so both stay unlisted."""
+    csv_path = tmp_path / "split.csv"
+    csv_path.write_text("file,split\nold_layout/001.jpg,train\nold_layout/002.jpg,test\n")
+    mapping = read_split_file(csv_path)
+    found: list[str] = []
+    paths = ["cats/001.jpg", "dogs/001.jpg", "dogs/002.jpg"]
+    assert apply_split_file(paths, mapping, found) == ["", "", "test"]
+    assert len(found) == 1 and "2 files" in found[0] and "cats/001.jpg" in found[0]
+    # The name twice in the split file: no guess either, even for a single data file of that name.
+    twice = {"a/001.jpg": "train", "b/001.jpg": "test"}
+    with pytest.warns(UserWarning, match="not unique"):
+        assert apply_split_file(["c/001.jpg"], twice) == [""]
+    assert apply_split_file(["a/001.jpg", "c/001.jpg"], twice, []) == ["train", ""]
+
+
+def test_collect_images_reports_entries_that_are_not_regular_files(tmp_path):
+    """predict/explain inputs: a FIFO or a folder named like an image is reported with the reason, never opened."""
+    from pipeline.dataset import collect_images, find_images
+
+    folder = tmp_path / "in"
+    write_utk_folder(folder, [20])
+    os.mkfifo(folder / "b.jpg")
+    (folder / "c.jpg").mkdir()
+    (tmp_path / "empty").mkdir()
+    paths, problems = collect_images([folder, tmp_path / "empty", tmp_path / "gone.jpg"])
+    assert [p.name for p in paths] == [next(folder.glob("20_*")).name]
+    assert problems == [(str(folder / "b.jpg"), "not a regular file (a FIFO)"),
+                        (str(folder / "c.jpg"), "not a regular file (a folder)"),
+                        (str(tmp_path / "empty"), "folder holds no .jpg, .jpeg or .png files"),
+                        (str(tmp_path / "gone.jpg"), "no such file or folder")]
+    assert find_images(folder) == paths    # the benchmarks' listing: regular image files only

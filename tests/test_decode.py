@@ -210,8 +210,10 @@ def test_file_checks():
     jpeg = np.frombuffer(factory.jpeg_bytes(rgb), dtype=np.uint8)
     assert encoded_problem(jpeg) is None
     assert encoded_problem(np.concatenate([jpeg, np.zeros(8, np.uint8)])) is None
-    assert "truncated JPEG" in encoded_problem(np.concatenate([jpeg, np.zeros(2000, np.uint8)]))
+    # Any amount of data after the end marker is trailing data, not truncation (issue 11 item 5).
+    assert encoded_problem(np.concatenate([jpeg, np.zeros(2000, np.uint8)])) is None
     assert "truncated JPEG" in encoded_problem(jpeg[:-2])
+    assert "truncated JPEG" in encoded_problem(np.concatenate([jpeg[: len(jpeg) // 2], np.zeros(2000, np.uint8)]))
     assert encoded_problem(jpeg[:0]) == "empty file"
     assert "not a JPEG or PNG" in encoded_problem(np.frombuffer(b"GIF89a" + bytes(20), dtype=np.uint8))
 
@@ -244,12 +246,15 @@ def test_nvjpeg_batch_gets_plain_jpegs_and_the_cpu_the_rest(images, monkeypatch)
 
     routing = TorchDecoder(torch.device("cpu"), num_threads=1)
     monkeypatch.setattr(torchvision.io, "decode_jpeg", stand_in)
-    on_gpu = [image is not None for image in routing._decode_with_nvjpeg(encoded)]
+    images, fallbacks = routing._decode_with_nvjpeg(encoded, kinds)
+    on_gpu = [image is not None for image in images]
     assert dict(zip(kinds, on_gpu)) == {"jpeg": True, "gray": False, "cmyk": False, "png": False,
                                         "exif6": False, "large": True}
-    assert batches == [2]  # one batched call
+    assert batches == [2] and fallbacks == []  # one batched call; routing by layout is no fallback
     monkeypatch.setattr(torchvision.io, "decode_jpeg", failing)
-    assert routing._decode_with_nvjpeg(encoded) == [None] * len(kinds)
+    images, fallbacks = routing._decode_with_nvjpeg(encoded, kinds)
+    assert images == [None] * len(kinds)
+    assert fallbacks == [("jpeg", "nvJPEG: nvJPEG error"), ("large", "nvJPEG: nvJPEG error")]
 
 
 def test_make_decoder_choices(monkeypatch):
@@ -273,3 +278,16 @@ def test_make_decoder_choices(monkeypatch):
 @NEEDS_DALI
 def test_dali_cpu_decoder_name():
     assert make_decoder("dali", "cpu").name == "dali-cpu"
+
+
+def test_torchvision_reason_keeps_commas_and_drops_only_the_source_prefix():
+    """torchvision's 'function, file.cpp:line, ' prefix goes; a reason with commas stays whole."""
+    real = torch.frombuffer(bytearray(b"\xff\xd8\xff" + b"\x00" * 50), dtype=torch.uint8)
+    with pytest.raises(RuntimeError) as raised:
+        __import__("torchvision").io.decode_image(real)
+    reason = decode._torchvision_reason(raised.value)
+    assert ".cpp" not in reason and reason.strip()
+    made_up = RuntimeError("decode_png, /src/io/image/cpu/decode_png.cpp:62, bad header, chunk IHDR, length 0")
+    assert decode._torchvision_reason(made_up) == "bad header, chunk IHDR, length 0"
+    assert decode._torchvision_reason(RuntimeError("plain, with a comma")) == "plain, with a comma"
+    assert decode._torchvision_reason(RuntimeError()) == "RuntimeError"

@@ -352,7 +352,8 @@ def test_bad_inputs_give_readable_errors(features, checkpoints, tmp_path):
     result = run(evaluate_main, [checkpoints["group"], "--features", tmp_path / "missing.h5", "-o", tmp_path / "o"])
     assert result.exit_code == 1 and "does not exist" in result.output
 
-    result = run(evaluate_main, [checkpoints["group"], "--features", features, "--split", "train", "-o", tmp_path])
+    # train and all are valid splits (all: cross-dataset evaluation); anything else is a usage error.
+    result = run(evaluate_main, [checkpoints["group"], "--features", features, "--split", "holdout", "-o", tmp_path])
     assert result.exit_code == 2 and "Invalid value for '--split'" in result.output
 
     bad_split = tmp_path / "bad.csv"
@@ -378,7 +379,7 @@ def image_head(tmp_path_factory):
     backbone = create_backbone("mobilenet_v2", None)
     x = preprocess_rgb([load_rgb(p) for p in images])
     with torch.no_grad():  # kind 'both': pooled then stages; plain and mirrored views
-        feats, mirrored = (torch.cat(backbone(v), 1) for v in (x, x.flip(-1)))
+        feats, mirrored = (torch.cat(list(backbone(v).values()), 1) for v in (x, x.flip(-1)))
     settings = {"backbones": ["mobilenet_v2"], "weights": {"mobilenet_v2": "none"}, "group_edges": [25, 50, 75, 116],
                 "preprocessing": {}, "fingerprint": "test"}
     heads = {}
@@ -486,7 +487,7 @@ def test_predict_reports_unreadable_images_and_predicts_the_rest(image_head, tmp
     out = tmp_path / "mixed.csv"
     result = run(predict_main, [folder, "--checkpoint", heads["group"], "--decoder", "torch", "--device", "cpu",
                                 "-o", out])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output  # finished, some images skipped (pipeline/cli/exit_codes.py)
     assert sorted(Path(r["file"]).name for r in read_csv(out)) == sorted(p.name for p in images[:2])
     assert "could not predict 2 of 4 images" in result.stderr
     assert f"{folder / 'garbage.jpg'}: cannot decode" in result.stderr
@@ -510,11 +511,10 @@ def test_predict_bad_inputs(image_head, tmp_path):
     result = run(predict_main, [empty, "--checkpoint", heads["group"]])
     assert result.exit_code == 1 and "holds no .jpg, .jpeg or .png files" in result.output
     # A head trained on features from a local weights file needs that file to rebuild the backbone.
-    meta = json.loads((heads["group"] / "head.json").read_text())
+    # (saved as such: editing head.json alone is refused, see tests/test_bad_input.py)
+    trained = load_checkpoint(heads["group"])
+    meta = {k: v for k, v in trained.meta.items() if k != "format"}
     meta["weights"] = {"mobilenet_v2": "file:mnv2.pth:sha256=0123456789abcdef"}
-    local = tmp_path / "local_head"
-    local.mkdir()
-    (local / "head.safetensors").write_bytes((heads["group"] / "head.safetensors").read_bytes())
-    (local / "head.json").write_text(json.dumps(meta))
+    local = save_checkpoint(tmp_path / "local_head", trained.head, meta)
     result = run(predict_main, [images[0], "--checkpoint", local, "--device", "cpu"])
     assert result.exit_code == 1 and "--weights mobilenet_v2=/path/to/file" in result.output

@@ -24,11 +24,12 @@ from pipeline.backbones import create_backbone
 from pipeline.cli.featurize import main as featurize_cli
 from pipeline.decode import make_decoder
 from pipeline.extract import shard_from_env
-from pipeline.store import read_features, read_meta, read_settings
+from pipeline.store import read_features, read_meta, read_row_group, read_settings
 
-def featurize(*args) -> str:
+def featurize(*args, expect: int = 0) -> str:
+    """Run featurize; expect: the exit code (0 all written, 3 some files skipped, 1 none written)."""
     result = CliRunner().invoke(featurize_cli, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == expect, result.output
     return result.output
 
 
@@ -63,7 +64,8 @@ def test_hdf5_layout(utk_folder, tmp_path, calibrated_mobilenet):
     model = create_backbone("mobilenet_v2", str(calibrated_mobilenet))
     views = make_decoder("torch", "cpu").decode([utk_folder / p for p in meta["path"][:3]]).views
     with torch.inference_mode():
-        pooled, stages = model(views.flatten(0, 1))
+        outputs = model(views.flatten(0, 1))
+    pooled, stages = outputs["features"], outputs["stages"]
     stored = read_features(out, "mobilenet_v2")[:3]
     expected = pooled.reshape(3, 2, -1).numpy()
     np.testing.assert_allclose(stored, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
@@ -103,7 +105,7 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path, decoder, fast):
     write_empty(folder / "46_0_1_20170109000000107.jpg.chip.jpg")
     write_jpeg(folder / "portrait_of_grandma.jpg", asymmetric_rgb())                               # bad name
     out = tmp_path / "f.h5"
-    output = featurize(folder, "-o", out, *fast, "--decoder", decoder, "--batch-size", "4")
+    output = featurize(folder, "-o", out, *fast, "--decoder", decoder, "--batch-size", "4", expect=3)
 
     meta = read_meta(out)
     assert sorted(meta["age"].tolist()) == [10, 30, 40, 41, 42, 43, 60, 90]
@@ -308,9 +310,9 @@ def test_a_shard_whose_images_all_fail_still_gives_a_file(tmp_path, fast):
     write_garbage(folder / "30_0_0_20170109000000001.jpg.chip.jpg")
     write_empty(folder / "31_0_0_20170109000000002.jpg.chip.jpg")
     out = tmp_path / "f.h5"
-    output = featurize(folder, "-o", out, *fast)
+    output = featurize(folder, "-o", out, *fast, expect=1)  # exit 1: no image made it (exit_codes.py)
     assert "0 images" in output and "skipped 2" in output
-    with h5py.File(out, "r") as h5:
+    with h5py.File(out, "r") as h5:  # the file is still written, so a shard array can be merged
         assert h5["features/mobilenet_v2"].shape == (0, 2, 1280)
 
 
@@ -341,3 +343,76 @@ def test_real_weights_features_classify_age_groups(tmp_path):
         probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=3000))
         accuracy = cross_val_score(probe, features, groups, cv=5).mean()
         assert accuracy > 0.25 + 0.15, (name, accuracy)  # chance is 0.25 with balanced groups
+
+
+def test_a_shard_planned_with_no_rows_is_not_a_failure(tmp_path, fast):
+    """More shards than images: an empty shard writes an empty file and exits 0, without an empty splits line."""
+    folder = tmp_path / "two"
+    write_utk_folder(folder, [20, 40])
+    out = tmp_path / "f.h5"
+    output = featurize(folder, "-o", out, "--shard", "2/4", *fast)   # bounds 0,0,1,1,2: shard 2 has no rows
+    assert "0 images" in output and "splits:" not in output
+    assert read_meta(out.with_name("f.shard-2-of-4.h5"))["age"].size == 0
+    featurize(folder, "-o", out, "--shard", "2/4", *fast)             # "already done" is not a failure either
+
+
+def test_verify_option_skips_files_of_cut_out_faces(tmp_path, fast):
+    """featurize --faces box --verify N: the good file stays, verify is skipped with a warning (exit 0)."""
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    write_jpeg(folder / "a.jpg", asymmetric_rgb(160, 120))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,age,x,y,w,h\na.jpg,30,20,30,70,90\n")
+    out = tmp_path / "box.h5"
+    result = CliRunner().invoke(featurize_cli, [str(a) for a in (folder, "-o", out, "--faces", "box", "--labels",
+                                                                   labels, "--verify", 2, "--device", "cpu", *fast)])
+    assert result.exit_code == 0, result.output
+    assert "--verify skipped" in result.output and "--faces box" in result.output
+    assert read_meta(out)["age"].tolist() == [30]
+    # The verify command itself still refuses such a file, with its reason.
+    refused = CliRunner().invoke(featurize_cli, ["verify", str(out), "--data", str(folder)])
+    assert refused.exit_code == 1 and "faces cut out" in refused.output
+
+
+def test_max_pixels_option_reaches_the_decoder(tmp_path, fast):
+    """--max-pixels N skips larger pictures (by their header) with the reason; 0 / none lifts the limit."""
+    from PIL import Image
+
+    from conftest import face_like
+
+    folder = tmp_path / "sizes"
+    write_utk_folder(folder, [20])                                   # 200 x 200 = 40,000 pixels
+    big = folder / "45_1_0_20170109000000009.jpg.chip.jpg"
+    Image.fromarray(face_like(9, size=300)).save(big, quality=92)   # 300 x 300 = 90,000 pixels
+    output = featurize(folder, "-o", tmp_path / "limited.h5", "--max-pixels", "50000", *fast, expect=3)
+    assert "skipped 1" in output and "megapixels" in output and big.name in output
+    assert read_meta(tmp_path / "limited.h5")["age"].tolist() == [20]
+    for no_limit in ("0", "none"):
+        featurize(folder, "-o", tmp_path / f"all-{no_limit}.h5", "--max-pixels", no_limit, *fast)
+        assert sorted(read_meta(tmp_path / f"all-{no_limit}.h5")["age"].tolist()) == [20, 45]
+    assert "--max-pixels" in featurize(folder, "-o", tmp_path / "x.h5", "--max-pixels", "lots", *fast, expect=2)
+
+
+def test_merge_keeps_face_records_when_the_first_shards_have_no_rows(tmp_path, fast):
+    """--faces box over 2 pictures in 4 shards: shards 0 and 2 are empty and have no /faces group; the merged
+    file still holds every kept row's face record. A shard with rows that lacks a face dataset is refused."""
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    write_jpeg(folder / "a.jpg", asymmetric_rgb(160, 120))
+    write_jpeg(folder / "b.jpg", asymmetric_rgb(120, 160))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,age,x,y,w,h\na.jpg,30,20,30,70,90\nb.jpg,60,40,10,80,80\n")
+    out = tmp_path / "f.h5"
+    for index in range(4):
+        featurize(folder, "-o", out, "--shard", f"{index}/4", "--faces", "box", "--labels", labels,
+                  "--device", "cpu", *fast)
+    shards = [tmp_path / f"f.shard-{i}-of-4.h5" for i in range(4)]
+    assert [read_row_group(s) != {} for s in shards] == [False, True, False, True]
+    featurize("merge", *shards, "-o", tmp_path / "merged.h5")
+    faces = read_row_group(tmp_path / "merged.h5")
+    assert read_meta(tmp_path / "merged.h5")["age"].tolist() == [30, 60]
+    np.testing.assert_allclose(faces["box"], [[20, 30, 90, 120], [40, 10, 120, 90]])
+    with h5py.File(shards[3], "r+") as h5:
+        del h5["faces/box"]
+    refused = featurize("merge", *shards, "-o", tmp_path / "bad.h5", expect=1)
+    assert "has no /faces/box" in refused and not (tmp_path / "bad.h5").exists()

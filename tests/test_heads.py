@@ -274,8 +274,8 @@ def test_age_target_predicts_years_and_derives_groups(loaded):
 def test_assemble_features_matches_the_training_layout(feature_file):
     names = ["resnet50", "mobilenet_v2"]
     cached = load_features(feature_file, names, "both")[:5, 0]
-    pooled = {n: (torch.from_numpy(store.read_features(feature_file, n, "last")[:5, 0]),
-                  torch.from_numpy(store.read_features(feature_file, n, "stages")[:5, 0])) for n in names}
+    pooled = {n: {"features": torch.from_numpy(store.read_features(feature_file, n, "last")[:5, 0]),
+                  "stages": torch.from_numpy(store.read_features(feature_file, n, "stages")[:5, 0])} for n in names}
     assert torch.equal(assemble_features(pooled, names, "both"), torch.from_numpy(cached))
     assert assemble_features(pooled, names, "last").shape == (5, 40 + 32)
     assert assemble_features(pooled, names, "stages").shape == (5, 24 + 16)
@@ -412,7 +412,7 @@ def test_cli_trains_a_sweep_and_writes_checkpoint_and_table(tmp_path, feature_fi
     assert bad.exit_code != 0 and "efficientnet_b0" in bad.output
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.gpu  # conftest: runs only where CUDA is, and is the one test here allowed to use it
 def test_gpu_training_matches_cpu_closely():
     data = synthetic_data(n=160, d=16)
     cfg = HeadConfig(epochs=2, hidden=TINY, dropout=0.0)

@@ -107,3 +107,19 @@ def test_bad_shapes_are_refused():
         metrics.classification_metrics(Y_TRUE, Y_PROB[:5], NAMES)
     with pytest.raises(ValueError, match="no rows"):
         metrics.classification_metrics([], np.zeros((0, 4)), NAMES)
+
+
+def test_ensemble_mae_leaves_out_rows_without_an_age():
+    """Rows labelled with a group only (age -1) have no age error, in an ensemble as in a single head."""
+    meta = {"class_names": NAMES, "group_edges": [25, 50, 75, 116], "backbones": ["m"], "weights": {"m": "x"},
+            "feature_kind": "last", "target": "age"}
+
+    def member(ages_pred):
+        return metrics.Evaluation(name="a", checkpoint_path="a", meta=meta, split="test", tta=False, metrics={},
+                                  paths=["x", "y", "z"], y_true=Y_TRUE[:3], probs=Y_PROB[:3],
+                                  ages_true=np.array([20, -1, 40]), ages_pred=np.asarray(ages_pred, float))
+
+    ensemble = metrics.ensemble_evaluation([member([22, 60, 40]), member([18, 80, 44])])
+    # mean predictions 20, 70, 42 against 20, (none), 40: errors 0 and 2
+    assert ensemble.metrics["mae"] == pytest.approx(1.0)
+    assert ensemble.metrics["mean_age_error"] == pytest.approx(1.0)

@@ -1,11 +1,13 @@
 """`evaluate`: score trained heads on a split of a feature file; write figures, tables and JSON.
 
-    evaluate CHECKPOINT [CHECKPOINT...] --features FEATURES.h5 [--split test|val] [--split-file CSV] [--tta]
-             [--ensemble] -o OUT/
+    evaluate CHECKPOINT [CHECKPOINT...] --features FEATURES.h5 [--features OTHER.h5 ...]
+             [--split test|val|train|all] [--cross-split SPLIT] [--split-file CSV] [--tta] [--ensemble] -o OUT/
 
 Writes OUT/<checkpoint>/{metrics.json, predictions.csv, confusion.png, curves.png, reliability.png},
 OUT/comparison.md (one row per checkpoint, the paper's Table 1 beside ours) and OUT/metrics.json (all numbers).
 With --ensemble, one more row, OUT/ensemble/, scores the mean of all the checkpoints' probabilities.
+Cross-dataset: with several --features files every head is scored on each (OUT/<head>@<file>/), and
+comparison.md marks each row in-domain (the head's own training data) or cross-domain.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import click
 
 from .. import figures
 from ..metrics import (N_BINS, FeatureInputs, comparison_markdown, ensemble_evaluation, evaluate_checkpoint,
-                       terminal_table)
+                       is_in_domain, terminal_table)
+from .exit_codes import finish, require_writable
+
+SPLIT_CHOICES = ["test", "val", "train", "all"]
 
 DEFINITIONS = {
     "accuracy": "share of rows whose predicted group (argmax of the probabilities) is the true group",
@@ -30,6 +35,9 @@ DEFINITIONS = {
     "mean_age_error": "mean of predicted minus true age in years (age-regression heads only, else null)",
     "tta": "if true, the plain and mirrored views' probabilities (and ages) are averaged",
     "ensemble": "the mean of its members' probabilities (after TTA, if any); ages averaged if every member has one",
+    "domain": "in-domain: the head's own training data (same feature file, or the same rows, labels and splits); "
+              "cross-domain: another data set",
+    "mae_rows": "MAE and mean_age_error use only rows with a known age (rows labelled with a group only have age -1)",
 }
 
 
@@ -88,10 +96,15 @@ def _dump(data, path: Path) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--features", required=True, type=click.Path(path_type=Path),
-              help="Feature file made by featurize (the heads' backbones, weights and groups must match).")
-@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True,
-              help="Which rows to score.")
+@click.option("--features", "feature_files", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="Feature file made by featurize (the heads' backbones, weights, preprocessing, face handling and "
+                   "groups must match). Give it several times to score each head on several data sets "
+                   "(cross-dataset evaluation; comparison.md puts the rows side by side).")
+@click.option("--split", type=click.Choice(SPLIT_CHOICES), default="test", show_default=True,
+              help="Which rows to score; 'all' scores every row of the file (e.g. another data set).")
+@click.option("--cross-split", type=click.Choice(SPLIT_CHOICES),
+              help="Rows to score in feature files that are not a head's own training data (cross-domain), "
+                   "e.g. --split test --cross-split all. Default: the same as --split.")
 @click.option("--split-file", type=click.Path(path_type=Path, dir_okay=False),
               help="CSV with columns file,split; its --split rows are scored instead of the file's own split.")
 @click.option("--tta", is_flag=True, help="Average the plain and mirrored views' probabilities (both are cached).")
@@ -100,50 +113,68 @@ def _dump(data, path: Path) -> None:
                    "(e.g. heads of several seeds or backbones; choose its members on --split val).")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Output folder.")
-def main(checkpoints, features, split, split_file, tta, ensemble, out):
+def main(checkpoints, feature_files, split, cross_split, split_file, tta, ensemble, out):
     """Score head CHECKPOINTs on a split of FEATURES; write figures, a comparison table and JSON."""
     from ..heads import HeadMismatch
 
     checkpoints = [Path(p) for p in checkpoints]
+    feature_files = [Path(p) for p in feature_files]
     if ensemble and len(checkpoints) < 2:
         raise click.ClickException("--ensemble needs at least two checkpoints")
     if split_file is not None and not split_file.is_file():
         raise click.ClickException(f"split file {split_file} does not exist")
-    try:
-        inputs = FeatureInputs(features)
-    except (OSError, ValueError) as err:
-        raise click.ClickException(str(err)) from err
-
-    # Load and check every checkpoint before writing anything.
-    loaded = []
-    for path in checkpoints:
-        checkpoint = _load(path)
+    require_writable(out)  # a read-only output folder is one line, before any work
+    all_inputs = []
+    for features in feature_files:
         try:
-            checkpoint.check_compatible(inputs.settings)
-        except HeadMismatch as err:
-            raise click.ClickException(f"checkpoint {path} does not fit feature file {features}:\n{err}") from err
-        loaded.append(checkpoint)
+            all_inputs.append(FeatureInputs(features))
+        except (OSError, ValueError, KeyError) as err:
+            raise click.ClickException(str(err)) from err
 
-    evaluations = []
-    for name, path, checkpoint in zip(unique_names(checkpoints), checkpoints, loaded):
-        try:
-            ev = evaluate_checkpoint(checkpoint, name, path, inputs, split, split_file, tta)
-        except ValueError as err:
-            raise click.ClickException(f"{path}: {err}") from err
-        evaluations.append(ev)
+    # Load and check every checkpoint against every feature file before writing anything.
+    loaded = [_load(path) for path in checkpoints]
+    for inputs in all_inputs:
+        for path, checkpoint in zip(checkpoints, loaded):
+            try:
+                checkpoint.check_compatible(inputs.settings)
+            except HeadMismatch as err:
+                raise click.ClickException(f"checkpoint {path} does not fit feature file {inputs.path}:\n{err}") from err
+
+    head_names = unique_names(checkpoints)
+    ensemble_name = None
     if ensemble:
-        taken = set(unique_names(checkpoints))
-        name = next(n for n in ("ensemble", *(f"ensemble_{i}" for i in range(2, len(taken) + 3))) if n not in taken)
-        try:
-            evaluations.append(ensemble_evaluation(evaluations, name))
-        except ValueError as err:
-            raise click.ClickException(f"cannot ensemble these checkpoints: {err}") from err
+        taken = set(head_names)
+        ensemble_name = next(n for n in ("ensemble", *(f"ensemble_{i}" for i in range(2, len(taken) + 3)))
+                             if n not in taken)
+    # One feature file: OUT/<head>/ as always; several: OUT/<head>@<file>/, rows of one head side by side.
+    file_names = unique_names(feature_files) if len(feature_files) > 1 else [None]
+    by_file = []
+    for inputs, file_name in zip(all_inputs, file_names):
+        found = []
+        for name, path, checkpoint in zip(head_names, checkpoints, loaded):
+            used_split = split if cross_split is None or is_in_domain(checkpoint.meta, inputs) else cross_split
+            label = name if file_name is None else f"{name}@{file_name}"
+            try:
+                found.append(evaluate_checkpoint(checkpoint, label, path, inputs, used_split, split_file, tta))
+            except ValueError as err:
+                raise click.ClickException(f"{path} on {inputs.path}: {err}") from err
+        if ensemble:
+            label = ensemble_name if file_name is None else f"{ensemble_name}@{file_name}"
+            try:
+                found.append(ensemble_evaluation(found, label))
+            except ValueError as err:
+                raise click.ClickException(f"cannot ensemble these checkpoints on {inputs.path}: {err}") from err
+        by_file.append(found)
+    evaluations = [by_file[f][h] for h in range(len(by_file[0])) for f in range(len(by_file))]
 
     out.mkdir(parents=True, exist_ok=True)
     everything = {
-        "features": str(features),
-        "feature_fingerprint": inputs.settings.get("fingerprint"),
+        "features": str(feature_files[0]) if len(feature_files) == 1 else [str(f) for f in feature_files],
+        "feature_fingerprint": all_inputs[0].settings.get("fingerprint"),
+        "feature_files": [{"path": str(i.path), "fingerprint": i.settings.get("fingerprint"), "dataset": i.dataset,
+                           "rows": int(len(i.meta["path"]))} for i in all_inputs],
         "split": split,
+        "cross_split": cross_split,
         "split_file": None if split_file is None else str(split_file),
         "tta": tta,
         "ensemble": ensemble,
@@ -167,8 +198,15 @@ def main(checkpoints, features, split, split_file, tta, ensemble, out):
             click.echo(f"warning: {ev.name}: {warning}", err=True)
 
     source = f"split {split!r} of " + (f"split file `{split_file}`" if split_file else "the feature file")
-    (out / "comparison.md").write_text(comparison_markdown(evaluations, str(features), source))
+    if cross_split is not None:
+        source += f" (cross-domain files: split {cross_split!r})"
+    files = str(feature_files[0]) if len(feature_files) == 1 else [str(f) for f in feature_files]
+    (out / "comparison.md").write_text(comparison_markdown(evaluations, files, source))
     _dump(everything, out / "metrics.json")
 
     click.echo(terminal_table(evaluations))
     click.echo(f"\nwrote {out / 'comparison.md'}, {out / 'metrics.json'} and per-checkpoint folders in {out}/")
+    skipped = list(dict.fromkeys((row, reason) for ev in evaluations for row, reason in ev.skipped))
+    for row, reason in skipped:
+        click.echo(f"skipped {row}: {reason}", err=True)
+    finish(len(skipped))  # exit 3: some rows of the split were not scored (listed above)

@@ -6,12 +6,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from ..cam import METHODS
+from .exit_codes import finish
 from .options import parse_weight_pairs
 
 
@@ -44,8 +44,15 @@ from .options import parse_weight_pairs
 @click.option("--seed", default=0, show_default=True, help="--report: seed of the subsample and random orders.")
 @click.option("--steps", default=10, show_default=True, type=click.IntRange(2),
               help="--report: deletion steps (fractions 0, 1/steps, ..., 1).")
+@click.option("--faces", type=click.Choice(["aligned", "detect"]), default="aligned", show_default=True,
+              help="aligned: each image is an aligned face crop. detect: find every face in each photo (MTCNN), "
+                   "explain its aligned crop (OUT/<image>_face<k>_...png) and paste the map back into the photo "
+                   "(..._photo.png).")
+@click.option("--precision", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              show_default=True, help="Backbone compute precision, as featurize --precision (auto: float16 autocast "
+                                      "on CUDA, float32 on the CPU).")
 def main(inputs, checkpoints, out, target, method, save_npy, batch_size, device, weights, grid_rows, report,
-         features, data_dir, split, limit, seed, steps):
+         features, data_dir, split, limit, seed, steps, faces, precision):
     """Grad-CAM heatmaps of IMAGES_OR_FOLDER for each head checkpoint, on the full model.
 
     The model is rebuilt from each checkpoint: the same frozen backbone, weights
@@ -75,6 +82,9 @@ def main(inputs, checkpoints, out, target, method, save_npy, batch_size, device,
                 raise click.UsageError("--report needs --features FEATURES.h5 and --data DATA_DIR")
             if target != "predicted":
                 raise click.UsageError("--report explains the predicted group; leave --target out")
+            if faces != "aligned":
+                raise click.UsageError("--report reads the feature file's pictures as aligned crops; "
+                                       "--faces is for IMAGES")
             from ..cam_report import ReportConfig, run_report
 
             result = run_report(ReportConfig(
@@ -85,12 +95,14 @@ def main(inputs, checkpoints, out, target, method, save_npy, batch_size, device,
             click.echo(f"wrote {out}/report.md, report.json, deletion_curves.png ({result['images']} images)")
             if result["failures"]:
                 warn(f"{len(result['failures'])} image(s) could not be read (listed above)")
+            finish(len(result["failures"]))  # exit 3: some images were skipped
             return
         if not inputs:
             raise click.UsageError("give IMAGES_OR_FOLDER (or --report)")
         summary = explain_images(ExplainConfig(
             inputs=list(inputs), checkpoints=list(checkpoints), out_dir=out, target=target, method=method,
-            save_npy=save_npy, batch_size=batch_size, device=device, weights=weights_map, grid_rows=grid_rows),
+            save_npy=save_npy, batch_size=batch_size, device=device, weights=weights_map, grid_rows=grid_rows,
+            faces=faces, precision=precision),
             log=click.echo, warn=warn)
     except (CamError, RebuildError, HeadMismatch, CheckpointError, WeightsUnavailable, FileNotFoundError, ValueError,
             OSError) as err:
@@ -98,7 +110,7 @@ def main(inputs, checkpoints, out, target, method, save_npy, batch_size, device,
     click.echo(f"explained {summary['explained']} image(s) into {out}")
     if summary["failures"]:
         warn(f"{len(summary['failures'])} input(s) could not be explained (listed above)")
-        sys.exit(1)
+        finish(len(summary["failures"]))  # exit 3: finished, some inputs skipped (the rule in exit_codes.py)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     featurize merge SHARD.h5 ... -o OUT.h5  join shard files
     featurize join A.h5 B.h5 ... -o OUT.h5  put per-backbone files of the same images together
     featurize info FEATURES.h5              what a feature file holds
+    featurize verify FEATURES.h5 -n 32      recompute rows on the CPU reference path and compare
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ from pathlib import Path
 import click
 
 from ..backbones import DEFAULT_BACKBONES, DEFAULT_WEIGHTS, WeightsUnavailable, parse_backbones
+from ..engines import EngineUnavailable
 from ..dataset import parse_edges
+from ..descriptors import parse_descriptors
+from ..image_checks import DEFAULT_MAX_PIXELS
 from ..store import SettingsMismatch
+from .label_options import label_source_options
+from .exit_codes import finish, output_error, require_writable
 from .options import parse_weight_pairs
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "sample" / "utkface"
@@ -72,9 +78,35 @@ def _parse_weights(text: str, backbones: tuple[str, ...]) -> dict[str, str | Non
 @click.option("--limit", type=click.IntRange(1), help="Only the first N images (sorted by path).")
 @click.option("--shard", help="i/n: compute the i-th of n shards. Default from SLURM_ARRAY_TASK_ID/"
                               "SLURM_ARRAY_TASK_COUNT or RANK/WORLD_SIZE when set.")
+@click.option("--descriptors", default="none", show_default=True,
+              help="Extra per-backbone outputs from the same forward pass, comma-separated: gem (GeM p=3 of the "
+                   "last block), grid (2x2 + 3x3 cell means of the last block), stage_grid (the same grids of "
+                   "the last earlier stage), all, or none.")
+@click.option("--precision", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              show_default=True, help="Backbone compute precision (the same setting as predict and explain). "
+                                      "auto: float16 autocast on CUDA, float32 on the CPU.")
+@click.option("--engine", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
+              help="What runs the backbones' forward pass. auto: ONNX Runtime on the CPU when installed and the "
+                   "exported graph matches PyTorch (1.5-3.5x faster, same features up to float rounding), "
+                   "else PyTorch; always PyTorch on the GPU.")
+@click.option("--allow-mixed", is_flag=True,
+              help="Resume or keep a file whose rows were computed another way (device, precision, decoder, "
+                   "engine); every row range keeps its own record. Refused by default.")
+@click.option("--verify", "verify_rows", type=click.IntRange(0), default=0, show_default=True,
+              help="Afterwards, recompute N seeded-random rows on the CPU reference path (torch decoder, float32) "
+                   "and fail (exit 1) if they differ beyond the documented tolerance.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--faces", type=click.Choice(["aligned", "detect", "box"]), default="aligned", show_default=True,
+              help="aligned: each picture is an aligned face crop, used whole (UTKFace). detect: find faces (MTCNN), "
+                   "use the largest, cut it out in UTKFace's framing. box: cut out the face the labels' box/eye "
+                   "columns give.")
+@click.option("--max-pixels", default=str(DEFAULT_MAX_PIXELS), show_default=True,
+              help="Skip (with a reason) images with more pixels than this, read from the header before decoding; "
+                   "0 or 'none': no limit.")
+@label_source_options
 def run_command(data_dir, data_opt, out, backbones, weights, batch_size, device, decoder, dtype, bins, seed,
-                split_file, limit, shard, quiet):
+                split_file, limit, shard, descriptors, quiet, label_source, precision, allow_mixed, verify_rows,
+                faces, engine, max_pixels):
     """Featurize DATA_DIR (searched recursively) into an HDF5 feature file.
 
     Interrupt at any moment and rerun the same command: it resumes. A finished
@@ -89,22 +121,63 @@ def run_command(data_dir, data_opt, out, backbones, weights, batch_size, device,
         names = parse_backbones(backbones)
         edges = parse_edges(bins)
         shard_spec = extract.parse_shard(shard) if shard else (extract.shard_from_env() or (0, 1))
+        descriptor_names = parse_descriptors(descriptors)
+        pixel_limit = parse_max_pixels(max_pixels)
     except ValueError as err:
         raise click.BadParameter(str(err)) from err
     config = extract.FeaturizeConfig(
         data_dir=data_dir, out=out, backbones=names, weights=_parse_weights(weights, names),
         batch_size=batch_size, device=device, decoder=decoder, dtype=dtype, group_edges=edges,
-        seed=seed, split_file=split_file, limit=limit, shard=shard_spec,
+        seed=seed, split_file=split_file, limit=limit, shard=shard_spec, descriptors=descriptor_names,
+        labels=label_source, precision=precision, allow_mixed=allow_mixed, faces=faces, engine=engine,
+        max_pixels=pixel_limit,
     )
+    require_writable(extract.shard_path(out, shard_spec))  # a read-only folder: one line, before any work
     try:
         summary = extract.run(config, progress=None if quiet else _progress_bar, log=click.echo)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: finished batches are kept in {extract.shard_path(out, shard_spec)}.parts; "
                    f"rerun the same command to resume", err=True)
         sys.exit(130)
-    except (SettingsMismatch, WeightsUnavailable, FileNotFoundError, ValueError) as err:
+    except (SettingsMismatch, WeightsUnavailable, EngineUnavailable, FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from err
+    except OSError as err:  # e.g. the output folder became unwritable mid-run
+        raise output_error(extract.shard_path(out, shard_spec), err) from err
     _print_summary(summary)
+    if verify_rows:
+        _verify(summary["out"], data_dir, verify_rows, seed=0, weights=config.weights, batch_size=batch_size,
+                skip_faces=True)
+    _exit_for(summary)
+
+
+def parse_max_pixels(text: str) -> int | None:
+    """--max-pixels: a whole number of pixels; 0 or 'none' turns the limit off (None)."""
+    text = str(text).strip().lower()
+    if text in ("0", "none"):
+        return None
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise ValueError(f"--max-pixels must be a whole number of pixels, 0 or 'none', got {text!r}") from None
+    if value < 0:
+        raise ValueError(f"--max-pixels must not be negative, got {value}")
+    return value
+
+
+def _exit_for(summary: dict) -> None:
+    """The exit-code rule (exit_codes.py): 1 when no image made it into the file, 3 when some were skipped."""
+    from ..store import file_summary
+
+    if summary["status"] == "already done":
+        held = file_summary(summary["out"])
+        written, skipped = held["rows"], held["skipped"]
+    else:
+        written, skipped = summary["written"], len(summary["skipped"])
+    planned = summary.get("rows", written)  # a shard can be planned 0 rows (more shards than images): no failure
+    if written == 0 and planned > 0:
+        raise click.ClickException(f"no image could be featurized: all {skipped} files were skipped "
+                                   f"(reasons above; {summary['out']} holds 0 images)")
+    finish(skipped)
 
 
 def _progress_bar(total: int, initial: int):
@@ -122,7 +195,9 @@ def _print_summary(summary: dict) -> None:
     if summary["computed"]:
         click.echo(f"computed {summary['computed']} images in {summary['seconds']:.1f} s "
                    f"({summary['images_per_s']:.1f} images/s, each through every backbone, both views)")
-    click.echo("splits: " + ", ".join(f"{k or 'unlisted'} {v}" for k, v in sorted(summary["splits"].items())))
+    if summary["splits"]:
+        click.echo("splits: " + ", ".join(f"{k or 'unlisted'} {v}" for k, v in sorted(summary["splits"].items())))
+    _print_compute(summary)
     skipped = summary["skipped"]
     if skipped:
         reasons = Counter(reason.split(":")[0] for _, reason in skipped)
@@ -133,10 +208,52 @@ def _print_summary(summary: dict) -> None:
             click.echo(f"  ... and {len(skipped) - 10} more (see /skipped in the file)")
 
 
-def _combine(combine, files, out) -> dict:
+def _print_compute(summary: dict) -> None:
+    """How the numbers were computed, and the files a GPU decoder handed to the CPU (with reasons)."""
+    from .. import provenance
+
+    compute = summary.get("compute")
+    records = compute if isinstance(compute, list) else [compute] if compute else []
+    click.echo("computed with: " + (" + ".join(provenance.describe(r) for r in records) or "not recorded")
+               + (" (MIXED: rows computed in different ways, accepted by --allow-mixed)" if len(records) > 1 else ""))
+    fallbacks = summary.get("fallbacks") or {}
+    if fallbacks.get("count"):
+        click.echo(f"decoder fallbacks: {fallbacks['count']} files decoded on the CPU instead of the GPU: "
+                   + ", ".join(f"{n} {r}" for r, n in sorted(fallbacks["reasons"].items(), key=lambda x: -x[1])))
+
+
+def _verify(features, data_dir, n: int, seed: int, weights=None, batch_size: int = 16, json_out=None,
+            skip_faces: bool = False) -> None:
+    """Run verify.verify_file, print its report; a mismatch (or no way to check) exits 1.
+
+    skip_faces (featurize --verify): a file of cut-out faces, which verify cannot check yet, is
+    skipped with a warning instead of failing a run that wrote a good file.
+    """
+    from ..store import read_settings
+    from ..verify import VerifyError, report_json, verify_file
+
+    faces = read_settings(features).get("faces") if skip_faces else None
+    if faces:
+        mode = faces.get("mode", faces) if isinstance(faces, dict) else faces
+        click.echo(f"warning: --verify skipped: {features} holds faces cut out (--faces {mode}); verify checks "
+                   f"whole-picture files (--faces aligned) only, so far", err=True)
+        return
+    try:
+        report = verify_file(features, data_dir, n=n, seed=seed, weights=weights, batch_size=min(batch_size, 64))
+    except (VerifyError, WeightsUnavailable) as err:
+        raise click.ClickException(f"verify: {err}") from err
+    for line in report.lines():
+        click.echo(line)
+    if json_out:
+        Path(json_out).write_text(report_json(report))
+    if not report.ok:
+        raise click.ClickException(f"verify failed for {features}: see the lines above")
+
+
+def _combine(combine, files, out, allow_mixed: bool = False) -> dict:
     """Run store.merge or store.join; what is wrong with the input files becomes a readable error."""
     try:
-        return combine(list(files), out)
+        return combine(list(files), out, allow_mixed=allow_mixed)
     except (SettingsMismatch, ValueError, KeyError, OSError) as err:
         raise click.ClickException(str(err)) from err
 
@@ -144,24 +261,55 @@ def _combine(combine, files, out) -> dict:
 @main.command("merge", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
-def merge_command(shards, out):
+@click.option("--allow-mixed", is_flag=True, help="Accept shards computed in different ways (device, precision, "
+                                                   "decoder, engine); the file records every row range.")
+def merge_command(shards, out, allow_mixed):
     """Join the files of a sharded run (--shard i/n) into one feature file."""
     from ..store import merge
 
-    result = _combine(merge, shards, out)
+    result = _combine(merge, shards, out, allow_mixed)
     click.echo(f"merged {result['shards']} shards into {out}: {result['written']} images")
 
 
 @main.command("join", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
-def join_command(files, out):
+@click.option("--allow-mixed", is_flag=True, help="Accept files computed in different ways (device, precision, "
+                                                   "decoder, engine); the file records each one's ranges.")
+def join_command(files, out, allow_mixed):
     """Put the backbones of files over the same images (one featurize job per backbone) into one file."""
     from ..store import join
 
-    result = _combine(join, files, out)
+    result = _combine(join, files, out, allow_mixed)
     click.echo(f"joined {len(files)} files into {out}: {result['written']} images, "
                f"backbones {', '.join(result['backbones'])}")
+
+
+@main.command("verify", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("features", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--data", "data_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="The images' folder. Default: the data_dir recorded in the file.")
+@click.option("-n", "rows", type=click.IntRange(1), default=32, show_default=True, help="Rows to recompute.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the row draw.")
+@click.option("--weights", default=None, help="name=FILE pairs for backbones featurized from a local weights file.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False), help="Also write the report as JSON.")
+def verify_command(features, data_dir, rows, seed, weights, batch_size, json_out):
+    """Recompute N rows of FEATURES on the CPU reference path and compare (exit 1 beyond tolerance).
+
+    Reports per backbone the minimum cosine and the largest absolute difference
+    of every stored output, and the decoded tensors' largest difference for the
+    decoder the rows were computed with (when it runs here).
+    """
+    from ..store import read_settings
+
+    overrides = None
+    if weights:
+        try:
+            overrides = parse_weight_pairs(weights, read_settings(features)["backbones"])
+        except ValueError as err:
+            raise click.BadParameter(str(err)) from err
+    _verify(features, data_dir, rows, seed, overrides, batch_size, json_out)
 
 
 @main.command("info", context_settings={"help_option_names": ["-h", "--help"]})
@@ -181,6 +329,12 @@ def info_command(features):
         click.echo(f"  {name:16s} {shape}  weights {settings['weights'][name]}")
     click.echo(f"  splits: {split_counts(meta['split'])}  ({settings['split_source']})")
     click.echo(f"  group edges: {settings['group_edges']}  seed: {settings['seed']}  dtype: {settings['dtype']}")
+    click.echo(f"  descriptors: {', '.join(settings.get('descriptors', [])) or 'none'}")
+    from ..labels import describe_label_source
+
+    click.echo(f"  labels: {describe_label_source(settings)}"
+               + (f"  (per-row {', '.join(c for c in ('subject', 'box', 'eyes') if c in meta)})"
+                  if any(c in meta for c in ('subject', 'box', 'eyes')) else ""))
 
 
 if __name__ == "__main__":

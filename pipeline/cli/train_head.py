@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import csv
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
+
+from .exit_codes import finish, output_error, require_writable
 
 
 def _split_list(text: str, convert, name: str) -> list:
@@ -85,12 +88,18 @@ def _fmt(value) -> str:
               help="Backbone(s) whose features feed the head, comma-separated; several are concatenated (fusion).")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: head.safetensors + head.json (best head), results.csv.")
-@click.option("--features", "feature_kind", type=click.Choice(["last", "stages", "both"]), default="last",
-              show_default=True, help="Final pooled features (the paper's), earlier stages' pooled features, or both.")
+@click.option("--features", "feature_kind", default="last", show_default=True,
+              help="What each backbone contributes: last (final pooled features, the paper's), stages (earlier "
+                   "stages pooled), both, or descriptors stored by featurize --descriptors (gem, grid, "
+                   "stage_grid); join several with '+', e.g. both+grid.")
 @click.option("--split-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="CSV with columns file,split overriding the feature file's split (unlisted rows are unused).")
-@click.option("--target", type=click.Choice(["group", "age"]), default="group", show_default=True,
-              help="group: the paper's 4-way classifier. age: regress years; groups derived, MAE reported.")
+@click.option("--target", default="group", show_default=True,
+              help="group: the paper's 4-way classifier. age: regress years; groups derived, MAE reported. "
+                   "soft: cross-entropy against soft labels from the age (a Gaussian over years summed into "
+                   "groups). ordinal: CORAL cumulative logits. Comma-separated to compare them.")
+@click.option("--soft-sigma", default="3", show_default=True,
+              help="Width in years of the Gaussian behind --target soft.")
 @click.option("--lr", default="1e-3", show_default=True, help="Adam learning rate(s).")
 @click.option("--epochs", default="10", show_default=True, help="Epochs; the best validation epoch is kept.")
 @click.option("--batch-size", default="32", show_default=True)
@@ -116,9 +125,9 @@ def _fmt(value) -> str:
               help="CPU threads: a number, or auto (whichever of 1 and torch's default is faster right now).")
 @click.option("--save-all", is_flag=True, help="Also save every configuration's head under OUT/runs/NNN/.")
 @click.option("--quiet", is_flag=True, help="Print only the results table.")
-def main(features_file, backbones, out, feature_kind, split_file, target, lr, epochs, batch_size, dropout, hidden,
-         weight_decay, schedule, label_smoothing, class_weights, standardize, flip, seed, keep, device, max_stack,
-         threads, save_all, quiet):
+def main(features_file, backbones, out, feature_kind, split_file, target, soft_sigma, lr, epochs, batch_size,
+         dropout, hidden, weight_decay, schedule, label_smoothing, class_weights, standardize, flip, seed, keep,
+         device, max_stack, threads, save_all, quiet):
     """Train age-group heads on FEATURES_FILE (made by featurize), in seconds, from the cache.
 
     Defaults are the paper's recipe. Comma-separated values in the recipe options
@@ -127,9 +136,12 @@ def main(features_file, backbones, out, feature_kind, split_file, target, lr, ep
     import torch
 
     from ..backbones import parse_backbones
+    from ..descriptors import kind_outputs
+    from ..heads import TARGETS
     from ..device import resolve_device
     from ..heads import HeadData, load_training_data, save_checkpoint
-    from ..sweep import HeadConfig, expand_grid, result_meta, thread_plan, train_heads
+    from ..sweep import (AGE_TARGETS, HeadConfig, expand_grid, missing_ages_message, result_meta, thread_plan,
+                         train_heads)
 
     if threads != "auto" and (not threads.isdigit() or int(threads) < 1):
         raise click.BadParameter(f"{threads!r} is not a positive number or auto", param_hint="--threads")
@@ -155,18 +167,33 @@ def main(features_file, backbones, out, feature_kind, split_file, target, lr, ep
         standardize=_split_list(standardize, _on_off, "--standardize"),
         flip=_split_list(flip, _on_off, "--flip"),
         seed=_split_list(seed, int, "--seed"),
+        target=_split_list(target, _choice(TARGETS), "--target"),
+        soft_sigma=_split_list(soft_sigma, float, "--soft-sigma"),
     )
     try:
-        configs = expand_grid(HeadConfig(target=target), **grid)
+        kind_outputs(feature_kind)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--features") from None
+    try:
+        configs = expand_grid(HeadConfig(), **grid)
+        # Only soft heads read --soft-sigma: the other targets are trained once, not once per sigma.
+        configs = list(dict.fromkeys(c if c.target == "soft" else replace(c, soft_sigma=grid["soft_sigma"][0])
+                                     for c in configs))
     except ValueError as err:
         raise click.UsageError(str(err)) from None
 
+    require_writable(out)
     started = time.perf_counter()
     try:
         loaded = load_training_data(features_file, names, feature_kind, split_file)
     except (FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from err
+    for path, reason in loaded.skipped:
+        click.echo(f"skipped {path}: {reason}", err=True)
     data: HeadData = loaded.data.to(device)
+    for target_name in dict.fromkeys(grid["target"]):  # group-only labels (age -1) cannot train age targets
+        if target_name in AGE_TARGETS and bool((data.train_age < 0).any() or (data.val_age < 0).any()):
+            raise click.ClickException(missing_ages_message(target_name))
     workers, intra = thread_plan(data, configs, threads if threads == "auto" else int(threads))
     if not quiet:
         counts = ", ".join(f"{k} {v}" for k, v in loaded.counts.items())
@@ -180,28 +207,38 @@ def main(features_file, backbones, out, feature_kind, split_file, target, lr, ep
     results = train_heads(data, configs, max_stack=max_stack, keep=keep,
                           threads=workers if workers > 1 else intra)
     elapsed = time.perf_counter() - started
+    diverged = [i for i, r in enumerate(results) if r.diverged]
+    for i in diverged:
+        cfg = results[i].config
+        click.echo(f"configuration {i} (lr={cfg.lr:g}, weight decay={cfg.weight_decay:g}, seed={cfg.seed}) "
+                   f"{results[i].diverged}; left out", err=True)
+    if len(diverged) == len(results):
+        raise click.ClickException("training diverged in every configuration; no head was saved")
 
     def rank_key(i):  # best validation accuracy first; lower validation loss breaks ties
         best = results[i].history[results[i].best_epoch - 1]
         return (-best["val_acc"], best["val_loss"])
 
-    order = sorted(range(len(results)), key=rank_key)
+    order = sorted((i for i in range(len(results)) if i not in diverged), key=rank_key)
     rows = []
     for rank, i in enumerate(order, start=1):
         rows.append({"rank": rank, "config": i, **results[i].row()})
-    out.mkdir(parents=True, exist_ok=True)
     best = results[order[0]]
-    save_checkpoint(out, best.to_head(loaded.group_edges),
-                    result_meta(loaded, best, split_file, rank=1, n_configs=len(configs)))
-    if save_all:
-        for rank, i in enumerate(order, start=1):
-            save_checkpoint(out / "runs" / f"{i:03d}", results[i].to_head(loaded.group_edges),
-                            result_meta(loaded, results[i], split_file, rank=rank, n_configs=len(configs)))
-    columns = list(rows[0])
-    with (out / "results.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # a target sweep: only age rows have val_mae
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(out, best.to_head(loaded.group_edges),
+                        result_meta(loaded, best, split_file, rank=1, n_configs=len(configs)))
+        if save_all:
+            for rank, i in enumerate(order, start=1):
+                save_checkpoint(out / "runs" / f"{i:03d}", results[i].to_head(loaded.group_edges),
+                                result_meta(loaded, results[i], split_file, rank=rank, n_configs=len(configs)))
+        with (out / "results.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    except OSError as err:
+        raise output_error(out, err) from err
 
     varying = [k for k, values in grid.items() if len(values) > 1]
     shown = ["rank", *varying, "best_epoch", "train_acc", "val_acc", "val_loss"]
@@ -214,6 +251,7 @@ def main(features_file, backbones, out, feature_kind, split_file, target, lr, ep
         rate = len(configs) / elapsed if elapsed > 0 else float("inf")
         click.echo(f"trained {len(configs)} head(s) in {elapsed:.1f} s ({rate:.2f}/s); "
                    f"best head -> {out}/head.safetensors + head.json; table -> {out}/results.csv")
+    finish(len(loaded.skipped) + len(diverged))  # exit 3: rows or configurations were left out (listed above)
 
 
 if __name__ == "__main__":

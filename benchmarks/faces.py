@@ -1,0 +1,313 @@
+"""Benchmark: faces in ordinary pictures (--faces detect) on UTKFace crops pasted into 640x480 scenes.
+
+Each scene holds one pasted UTKFace crop (random position, side 60-250 px,
+tilt up to +-25 degrees), two crops (every 10th scene) or none (every 10th
+scene); the paste transform is known, so the cut-out face can be compared with
+the crop that was pasted. Scenes are saved as JPEG (quality 92), as photos are.
+
+Reports:
+  detection  recall over pasted faces, false positives per 100 scenes, ms per scene;
+  alignment  the aligned crop's square against the original crop's: centre offset
+             (share of the side), side ratio, angle (degrees); and the UTKFace
+             framing refitted from the detected landmarks (--fit numbers for faces.py);
+  agreement  the group a MobileNetV2 head predicts from the scene (largest face, cut
+             out) against the group it predicts from the original crop (--head);
+  speed      featurize images/s and process CPU seconds with --faces detect on the
+             scenes against --faces aligned on the same faces' original crops.
+
+    TORCH_HOME=../shared/torch python benchmarks/faces.py --head HEAD_DIR --scenes 150
+    python benchmarks/faces.py --head HEAD_DIR --exclude train_files.txt   # crops the head never saw
+
+Prints Markdown tables with the machine and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # tests/scenes.py: pasting with a known transform
+SHARED = REPO.parent / "shared"
+if (SHARED / "torch").is_dir():
+    os.environ.setdefault("TORCH_HOME", str(SHARED / "torch"))
+
+import numpy as np  # noqa: E402
+from machine_info import machine  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+@dataclass
+class Scene:
+    path: Path
+    pasted: list = field(default_factory=list)   # [(crop file, crop->scene map)], largest first
+
+
+def make_scenes(files: list[Path], count: int, seed: int, folder: Path) -> list[Scene]:
+    """`count` scenes: every 10th without a face, every 10th (offset 5) with two, the rest with one."""
+    from scenes import background, paste
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    order = iter(rng.permutation(len(files)))
+    scenes = []
+    for index in range(count):
+        kind = "none" if index % 10 == 9 else "two" if index % 10 == 4 else "one"
+        picture = background(480, 640, seed * 100_000 + index)
+        pasted = []
+        slots = [(0, 640)] if kind == "one" else [(0, 320), (320, 640)] if kind == "two" else []
+        for lo, hi in slots:
+            crop_file = files[next(order)]
+            side = rng.uniform(60, 250) if kind == "one" else rng.uniform(60, 200)
+            tilt = rng.uniform(-25, 25)
+            # Half the extent of the turned square, so it stays inside its slot and the picture.
+            reach = side / 2 * (abs(math.cos(math.radians(tilt))) + abs(math.sin(math.radians(tilt)))) + 2
+            reach = min(reach, (hi - lo) / 2 - 1, 239)
+            centre = (rng.uniform(lo + reach, hi - reach), rng.uniform(reach, 480 - reach))
+            crop = np.asarray(Image.open(crop_file).convert("RGB"))
+            pasted.append((crop_file, paste(picture, crop, centre, side, tilt), side))
+        pasted.sort(key=lambda p: -p[2])
+        # Named after the largest face, so featurize reads its age from the name.
+        name = (pasted[0][0].name.split(".jpg")[0] if pasted else f"30_0_0_2017000000000{index:04d}") + f"_s{index}.jpg"
+        path = folder / name
+        Image.fromarray(picture).save(path, quality=92)
+        scenes.append(Scene(path, [(f, m) for f, m, _ in pasted]))
+    return scenes
+
+
+def in_crop(paste_map: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Scene coordinates [K, 2] -> the pasted crop's own coordinates (0..200)."""
+    inverse = np.linalg.inv(np.vstack([paste_map, [0, 0, 1]]))[:2]
+    return np.asarray(points, np.float64) @ inverse[:, :2].T + inverse[:, 2]
+
+
+def matches(face, paste_map) -> bool:
+    """A detection is this pasted face when its box centre lies in the crop's middle and its size is a face's.
+
+    Measured in the pasted crop's own 200x200 frame; MTCNN boxes on UTKFace crops are 90-215 wide there
+    (close-ups and babies fill the crop)."""
+    centre = in_crop(paste_map, face.centre[None])[0]
+    scale = math.hypot(paste_map[0, 0], paste_map[1, 0])
+    width = (face.box[2] - face.box[0]) / scale
+    return abs(centre[0] - 100) < 60 and abs(centre[1] - 100) < 70 and 40 < width < 280
+
+
+def detection_and_alignment(scenes: list[Scene]) -> dict:
+    import torch
+    from scenes import crop_geometry
+
+    from pipeline.face_crops import decode_rgb
+    from pipeline.faces import CROP_SIZE, align_face, make_face_mode
+
+    detector = make_face_mode("detect")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the detector's own cost, without two threads spinning against each other
+    found, total, false_positive, seconds, cpu_seconds = 0, 0, 0, [], []
+    centre_error, side_ratio, angle_error, eye_mid, eye_span, box_fit, framing = [], [], [], [], [], [], []
+    chosen = {}
+    for scene in scenes:
+        rgb = decode_rgb(np.fromfile(scene.path, dtype=np.uint8))
+        start, cpu = time.perf_counter(), time.process_time()
+        faces = detector.locate(rgb)
+        seconds.append(time.perf_counter() - start)
+        cpu_seconds.append(time.process_time() - cpu)  # all threads; steadier than wall time on a shared machine
+        used = set()
+        for k, (crop_file, paste_map) in enumerate(scene.pasted):
+            total += 1
+            hit = next((i for i, face in enumerate(faces) if i not in used and matches(face, paste_map)), None)
+            if hit is None:
+                continue
+            used.add(hit)
+            found += 1
+            face = faces[hit]
+            aligned = align_face(rgb, face)
+            framing.append(aligned.framing)
+            to_original = np.linalg.inv(np.vstack([paste_map, [0, 0, 1]])) @ np.vstack([aligned.to_picture, [0, 0, 1]])
+            centre, side, angle = crop_geometry(to_original[:2], CROP_SIZE)
+            centre_error.append(np.linalg.norm(centre - CROP_SIZE / 2) / CROP_SIZE)
+            side_ratio.append(side / CROP_SIZE)
+            angle_error.append(abs(angle))
+            eyes = in_crop(paste_map, face.landmarks[:2])
+            eye_mid.append(eyes.mean(0) / CROP_SIZE)
+            eye_span.append(np.linalg.norm(eyes[1] - eyes[0]) / CROP_SIZE)
+            tilt = math.degrees(math.atan2(paste_map[1, 0], paste_map[0, 0]))
+            if abs(tilt) < 8:  # the box is level only for a level face
+                scale = math.hypot(paste_map[0, 0], paste_map[1, 0])
+                box_centre = in_crop(paste_map, face.centre[None])[0]
+                width, height = (face.box[2] - face.box[0]) / scale, (face.box[3] - face.box[1]) / scale
+                box_fit.append(((100 - box_centre[0]) / width, (100 - box_centre[1]) / height, CROP_SIZE / height))
+            if k == 0 and len(scene.pasted) == 1:
+                chosen[scene.path] = (crop_file, aligned.crop, math.hypot(paste_map[0, 0], paste_map[1, 0]) * 200)
+        false_positive += len(faces) - len(used)
+    torch.set_num_threads(threads)
+    eye_mid, box_fit = np.array(eye_mid), np.array(box_fit)
+    return {
+        "scenes": len(scenes), "faces": total, "found": found, "false_positives": false_positive,
+        "ms_per_scene": 1000 * float(np.median(seconds)), "cpu_ms_per_scene": 1000 * float(np.median(cpu_seconds)),
+        "centre": np.percentile(centre_error, [50, 95]),
+        "side": np.percentile(np.abs(np.array(side_ratio) - 1), [50, 95]),
+        "side_median": float(np.median(side_ratio)), "angle": np.percentile(angle_error, [50, 95]),
+        "box_framed": framing.count("box"),
+        "fit_eye_midpoint": np.median(eye_mid, 0), "fit_span_to_side": float(np.median(1 / np.array(eye_span))),
+        "fit_box": np.median(box_fit, 0) if len(box_fit) else None, "fit_box_n": len(box_fit),
+        "chosen": chosen,
+    }
+
+
+def agreement(head: Path, chosen: dict, weights: dict, sides=(0, 1e9)) -> dict:
+    """Group predicted from the cut-out face vs from the original crop file, for each one-face scene
+    whose pasted side (pixels) lies in [sides[0], sides[1])."""
+    import torch
+
+    from pipeline.cli.predict import Predictor
+    from pipeline.decode import load_rgb
+    from pipeline.face_crops import crops_to_views
+
+    from scenes import background
+
+    from pipeline.faces import align_face, make_face_mode
+
+    predictor = Predictor([head], weights, device="cpu")
+    detector = make_face_mode("detect")
+    names = list(predictor.meta["class_names"])
+    edges = list(predictor.meta["group_edges"])
+    same, right_scene, right_crop, same_mirror, same_recut = 0, 0, 0, 0, 0
+    items = [(f, crop) for f, crop, side in chosen.values() if sides[0] <= side < sides[1]]
+    for lo in range(0, len(items), 32):
+        batch = items[lo:lo + 32]
+        originals = [load_rgb(f) for f, _ in batch]
+        # References for how steady the head is: the crop mirrored, and the crop re-cut in our framing
+        # (pasted 1:1 into a bigger picture, detected, aligned): only the framing differs from the original.
+        recut = []
+        for original in originals:
+            canvas = background(400, 400, 0)
+            canvas[100:300, 100:300] = original
+            faces = detector.locate(canvas)
+            recut.append(align_face(canvas, faces[0]).crop if faces else original)
+        with torch.inference_mode():
+            scene_probs, _ = predictor(crops_to_views([crop for _, crop in batch]))
+            crop_probs, _ = predictor(crops_to_views(originals))
+            mirror_probs, _ = predictor(crops_to_views([o[:, ::-1].copy() for o in originals]))
+            recut_probs, _ = predictor(crops_to_views(recut))
+        same_mirror += int((mirror_probs.argmax(1) == crop_probs.argmax(1)).sum())
+        same_recut += int((recut_probs.argmax(1) == crop_probs.argmax(1)).sum())
+        for (crop_file, _), p_scene, p_crop in zip(batch, scene_probs, crop_probs):
+            age = int(crop_file.name.split("_")[0])
+            truth = next(i for i, edge in enumerate(edges) if age <= edge)
+            same += int(p_scene.argmax() == p_crop.argmax())
+            right_scene += int(p_scene.argmax() == truth)
+            right_crop += int(p_crop.argmax() == truth)
+    n = max(len(items), 1)
+    return {"n": len(items), "agreement": same / n, "accuracy_scene": right_scene / n, "accuracy_crop": right_crop / n,
+            "mirror": same_mirror / n, "recut": same_recut / n, "groups": names}
+
+
+def featurize_speed(scenes: list[Scene], count: int, backbones: tuple[str, ...], folder: Path) -> dict:
+    """--faces detect on `count` one-face scenes vs --faces aligned on their original crops: images/s, CPU s."""
+    from pipeline import extract
+
+    picked = [s for s in scenes if len(s.pasted) == 1][:count]
+    scene_dir, crop_dir = folder / "speed_scenes", folder / "speed_crops"
+    scene_dir.mkdir(parents=True, exist_ok=True)
+    crop_dir.mkdir(parents=True, exist_ok=True)
+    for scene in picked:
+        for folder_, target in ((scene_dir, scene.path), (crop_dir, scene.pasted[0][0])):
+            link = folder_ / scene.path.name   # the same name in both, so the same labels and split
+            if not link.exists():
+                link.symlink_to(target)
+    results = {}
+    for mode, data in (("aligned", crop_dir), ("detect", scene_dir)):
+        config = extract.FeaturizeConfig(data_dir=data, out=folder / f"speed_{mode}_{'_'.join(backbones)}.h5",
+                                         backbones=backbones, weights={b: "IMAGENET1K_V1" for b in backbones},
+                                         batch_size=32, device="cpu", decoder="torch", faces=mode)
+        config.out.unlink(missing_ok=True)
+        cpu, wall = time.process_time(), time.perf_counter()
+        summary = extract.run(config, log=lambda *_: None)
+        results[mode] = {"images": summary["written"], "images_per_s": summary["images_per_s"],
+                         "cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=SHARED / "data" / "utkface")
+    parser.add_argument("--scenes", type=int, default=150)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--exclude", type=Path, help="File names (one a line) not to paste, e.g. the head's data.")
+    parser.add_argument("--head", type=Path, help="MobileNetV2 head checkpoint for the agreement numbers.")
+    parser.add_argument("--head-weights", default="", help="NAME=FILE for a head made with local weights.")
+    parser.add_argument("--speed-images", type=int, default=48, help="Scenes featurized for the speed numbers.")
+    parser.add_argument("--speed-backbones", default="mobilenet_v2;mobilenet_v2,resnet50,efficientnet_b0",
+                        help="Backbone sets timed, separated by ';'. Empty: skip the speed part.")
+    parser.add_argument("--work", type=Path, help="Folder for the scenes (default: a temporary one).")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.manual_seed(args.seed)
+    excluded = set(args.exclude.read_text().split()) if args.exclude else set()
+    files = sorted(p for p in args.data.glob("*.jpg") if p.name not in excluded)
+    if not files:
+        sys.exit(f"no UTKFace crops in {args.data}")
+    work = args.work or Path(tempfile.mkdtemp(prefix="faces-bench-"))
+    scenes = make_scenes(files, args.scenes, args.seed, work / "scenes")
+    detected = detection_and_alignment(scenes)
+
+    info = machine()
+    print(f"\n{info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['threads']} threads, "
+          f"commit {info['commit']}, {info['date']}, load {info['load']:.1f}\n")
+    d = detected
+    print(f"{d['scenes']} scenes 640x480 (JPEG q92), {d['faces']} pasted faces; "
+          f"UTKFace crops from {args.data} (seed {args.seed})\n")
+    print("| recall | false positives / 100 scenes | detector ms per scene, 1 thread (wall / CPU) | framed from box | "
+          "centre error (median / p95, share of side) | side error (median / p95) | angle error deg (median / p95) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| {d['found']}/{d['faces']} = {100 * d['found'] / d['faces']:.1f}% "
+          f"| {100 * d['false_positives'] / d['scenes']:.2f} ({d['false_positives']}) "
+          f"| {d['ms_per_scene']:.0f} / {d['cpu_ms_per_scene']:.0f} "
+          f"| {d['box_framed']} | {d['centre'][0]:.3f} / {d['centre'][1]:.3f} "
+          f"| {d['side'][0]:.3f} / {d['side'][1]:.3f} "
+          f"| {d['angle'][0]:.1f} / {d['angle'][1]:.1f} |")
+    print(f"\nFraming refitted from the detected landmarks (median over {d['found']} faces): eye midpoint at "
+          f"({d['fit_eye_midpoint'][0]:.3f}, {d['fit_eye_midpoint'][1]:.3f}) of the crop, side = "
+          f"{d['fit_span_to_side']:.3f} x eye distance; median side of our crop / original {d['side_median']:.3f}.")
+    if d["fit_box"] is not None:
+        shift_x, shift_y, to_side = d["fit_box"]
+        print(f"Box framing on {d['fit_box_n']} level faces: crop centre = box centre + ({shift_x:.3f} w, "
+              f"{shift_y:.3f} h), side = {to_side:.3f} x box height.")
+
+    if args.head:
+        from pipeline.cli.options import parse_weight_pairs
+
+        weights = parse_weight_pairs(args.head_weights) if args.head_weights else {}
+        print(f"\n| pasted side (px) | one-face scenes | group agreement scene vs crop | accuracy from scene "
+              f"| accuracy from crop | reference: crop vs its mirror | reference: crop vs crop re-cut 1:1 |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for label, sides in (("all (60-250)", (0, 1e9)), ("60-100", (0, 100)), ("100-160", (100, 160)),
+                             ("160-250", (160, 1e9))):
+            a = agreement(args.head, d["chosen"], weights, sides)
+            if a["n"]:
+                print(f"| {label} | {a['n']} | {100 * a['agreement']:.1f}% | {100 * a['accuracy_scene']:.1f}% "
+                      f"| {100 * a['accuracy_crop']:.1f}% | {100 * a['mirror']:.1f}% | {100 * a['recut']:.1f}% |")
+
+    sets = [tuple(s.split(",")) for s in args.speed_backbones.split(";") if s.strip()]
+    if sets:
+        print(f"\n| backbones | images | aligned crops: img/s | CPU s | detect in scenes: img/s | CPU s "
+              f"| detection adds (CPU) |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for backbones in sets:
+            speed = featurize_speed(scenes, args.speed_images, backbones, work)
+            a, b = speed["aligned"], speed["detect"]
+            print(f"| {'+'.join(backbones)} | {b['images']} | {a['images_per_s']:.1f} | {a['cpu_s']:.1f} "
+                  f"| {b['images_per_s']:.1f} | {b['cpu_s']:.1f} | {100 * (b['cpu_s'] / a['cpu_s'] - 1):+.0f}% |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Files in, aligned face crops out: the decode stage of featurize (and predict/explain) when --faces is not `aligned`.
+
+`FaceCropDecoder.decode` reads and checks each file as the other decoders do
+(decode.read_checked), decodes it to RGB with EXIF orientation applied,
+locates the faces (faces.FaceMode), keeps one per picture (the one nearest a
+given box, else the largest), cuts it out in UTKFace's framing and sends the
+200x200 crops through decode.resize_normalize / with_mirror - the torch
+decoders' own math, so a crop gives the same tensors a UTKFace crop file of
+the same pixels would. Detect mode always resizes on this torch path (also
+when DALI is installed): DALI would need the crops re-encoded first. The
+face record of every kept picture comes back in `FaceBatch.faces`.
+
+Face detection runs inside decode(), which featurize calls from its
+prefetch thread, so it overlaps the backbones' forward pass on the batch before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .constants import IMAGE_SIZE
+from .decode import DecodedBatch, read_checked, resize_normalize, with_mirror
+from .faces import FaceHint, FaceMode, align_face, choose_face
+
+NO_FACE = "no face found"
+NO_GIVEN_FACE = "no face box or eye points given in the labels"
+
+
+def face_columns(rows: int) -> dict[str, np.ndarray]:
+    """Empty per-row face record arrays (the layout of /faces in a feature file)."""
+    return {
+        "box": np.zeros((rows, 4), np.float32),           # x0, y0, x1, y1 in picture pixels
+        "landmarks": np.zeros((rows, 5, 2), np.float32),  # eyes, nose, mouth corners; NaN when not known
+        "score": np.zeros(rows, np.float32),              # detector probability; NaN for given boxes
+        "faces_found": np.zeros(rows, np.int16),          # faces located in the picture
+        "framing": np.zeros(rows, dtype="<U4"),           # "eyes" or "box": what the crop was framed from
+    }
+
+
+@dataclass
+class FaceBatch(DecodedBatch):
+    faces: dict[str, np.ndarray] = field(default_factory=dict)  # face_columns(), one row per kept picture
+
+
+def hint_from_meta(box_xywh, eyes) -> FaceHint:
+    """A FaceHint from a label file's box (x, y, w, h) and eye points (NaN where absent)."""
+    hint = FaceHint()
+    if box_xywh is not None:
+        x, y, w, h = (float(v) for v in box_xywh)
+        hint.box = np.array([x, y, x + w, y + h], np.float32)
+    if eyes is not None:
+        hint.eyes = np.asarray(eyes, np.float32)
+    return hint
+
+
+def hints_from_meta(files: Sequence[str], meta: dict) -> dict[str, FaceHint]:
+    """{file: FaceHint} from a plan's optional meta columns "box" and "eyes" (absent: no hints)."""
+    boxes, eyes = meta.get("box"), meta.get("eyes")
+    if boxes is None and eyes is None:
+        return {}
+    return {file: hint_from_meta(None if boxes is None else boxes[i], None if eyes is None else eyes[i])
+            for i, file in enumerate(files)}
+
+
+def decode_rgb(data: np.ndarray) -> np.ndarray | str:
+    """HxWx3 uint8 RGB with EXIF orientation applied (torchvision, as the torch decoders), or why not."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        image = decode_image(torch.from_numpy(data), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError as error:
+        return "cannot decode: " + str(error).splitlines()[0].split(", ")[-1]
+    return image.permute(1, 2, 0).numpy()
+
+
+def decoder_name(mode_name: str, device: torch.device) -> str:
+    return f"faces-{mode_name}+torch-{'gpu' if torch.device(device).type == 'cuda' else 'cpu'}"
+
+
+class FaceCropDecoder:
+    """Decode, find the face, align, then resize/normalize on the torch path; see the module docstring."""
+
+    def __init__(self, mode: FaceMode, device: torch.device, hints: dict[str, FaceHint] | None = None):
+        self.mode = mode
+        self.device = device
+        self.hints = hints or {}
+        self.name = decoder_name(mode.name, device)
+
+    def decode(self, paths: Sequence[str | Path]) -> FaceBatch:
+        positions, encoded, reasons = read_checked(paths)
+        kept, crops = [], []
+        columns = face_columns(len(positions))
+        for position, data in zip(positions, encoded):
+            rgb = decode_rgb(data)
+            if isinstance(rgb, str):
+                reasons[position] = rgb
+                continue
+            hint = self.hints.get(str(paths[position]))
+            faces = self.mode.locate(rgb, hint)
+            if not faces:
+                reasons[position] = NO_GIVEN_FACE if self.mode.name == "box" else NO_FACE
+                continue
+            aligned = align_face(rgb, faces[choose_face(faces, hint)])
+            row = len(kept)
+            columns["box"][row] = aligned.face.box
+            columns["landmarks"][row] = aligned.face.landmarks
+            columns["score"][row] = aligned.face.score
+            columns["faces_found"][row] = len(faces)
+            columns["framing"][row] = aligned.framing
+            kept.append(position)
+            crops.append(torch.from_numpy(aligned.crop).permute(2, 0, 1).to(self.device))
+        columns = {name: values[:len(kept)] for name, values in columns.items()}
+        views = (with_mirror(resize_normalize(crops)) if crops
+                 else torch.empty((0, 2, 3, IMAGE_SIZE, IMAGE_SIZE), device=self.device))
+        failures = [(str(paths[position]), reasons[position]) for position in sorted(reasons)]
+        extra = {"fallbacks": []} if "fallbacks" in {f.name for f in dataclasses.fields(DecodedBatch)} else {}
+        return FaceBatch(views=views, kept=kept, failures=failures, faces=columns, **extra)
+
+
+@dataclass
+class PictureFaces:
+    """Every face found in one picture, each cut out in UTKFace's framing (predict and explain)."""
+    path: str
+    rgb: np.ndarray                 # the picture, HxWx3 uint8, EXIF orientation applied
+    faces: list                     # [faces.AlignedFace], largest first
+
+
+def read_faces(paths: Sequence[str | Path], mode: FaceMode) -> tuple[list[PictureFaces], list[tuple[str, str]]]:
+    """(pictures with at least one face, [(path, reason)] for the others: unreadable, or no face found)."""
+    positions, encoded, reasons = read_checked(paths)
+    found = []
+    for position, data in zip(positions, encoded):
+        rgb = decode_rgb(data)
+        if isinstance(rgb, str):
+            reasons[position] = rgb
+            continue
+        faces = mode.locate(rgb)
+        if not faces:
+            reasons[position] = NO_FACE
+            continue
+        found.append(PictureFaces(str(paths[position]), rgb, [align_face(rgb, face) for face in faces]))
+    return found, [(str(paths[position]), reasons[position]) for position in sorted(reasons)]
+
+
+def crops_to_views(crops: Sequence[np.ndarray], device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B, 2, 3, S, S] plain + mirrored model input of aligned crops, by the torch decoders' math."""
+    return with_mirror(resize_normalize([torch.from_numpy(c).permute(2, 0, 1).to(device) for c in crops]))
+
+
+def decoder_for_settings(settings: dict, device: torch.device, files: Sequence[str] = (),
+                         meta: dict | None = None) -> FaceCropDecoder | None:
+    """The decoder that recomputes rows of a feature file made with --faces detect|box (None for aligned files),
+    e.g. to verify them: the same face mode, on `device`, with the labels' boxes from `meta` (box/eyes)."""
+    from .faces import make_face_mode
+
+    recorded = settings.get("faces")
+    if not recorded:
+        return None
+    mode = make_face_mode(recorded["mode"], device)
+    if mode.settings() != recorded:
+        raise ValueError(f"this file's faces were found with other settings than this version makes: {recorded}")
+    return FaceCropDecoder(mode, device, hints_from_meta(list(files), meta or {}))

@@ -1,0 +1,335 @@
+"""Faces in ordinary pictures: find them, then cut each one out framed the way UTKFace's crops are.
+
+Three face modes share one small interface (`FaceMode.locate`), so the rest of
+the pipeline does not care where a face came from:
+
+* `aligned` - the picture already is an aligned face crop (UTKFace's own); it
+  is used whole and untouched.
+* `detect`  - MTCNN from facenet-pytorch (weights ship inside its wheel, so
+  nothing is downloaded) finds boxes, five landmarks and a score.
+* `box`     - a box and/or eye points given with the labels (a CSV's
+  x,y,w,h or eye columns) say where the face is.
+
+`align_face` turns a located face into a 200x200 crop in UTKFace's framing: a
+level square whose side is EYE_SPAN_TO_SIDE times the distance between the
+eyes, with the eye midpoint at EYE_MIDPOINT of the crop. When there are no
+usable landmarks (no eye points, or a profile whose eyes nearly coincide) the
+crop is framed from the box instead (BOX_* constants). Both sets of numbers
+were fitted on UTKFace crops pasted into scenes with a known transform
+(benchmarks/faces.py; README "Faces in ordinary photos").
+
+Coordinates are continuous pixel coordinates: (0, 0) is the top-left corner
+of the top-left pixel, so pixel (i, j) has its centre at (j + 0.5, i + 0.5).
+Boxes are (x0, y0, x1, y1); landmarks are (x, y) rows in MTCNN's order: the
+eye on the picture's left, the other eye, nose, mouth left, mouth right.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+FACE_MODES = ("aligned", "detect", "box")
+CROP_SIZE = 200  # UTKFace's crops are 200x200
+
+# UTKFace framing: medians of MTCNN's landmarks on UTKFace crops pasted into scenes, mapped back into
+# the crop's own frame (benchmarks/faces.py: 141 full-set crops gave 2.567 and (0.499, 0.293); the 96
+# sample crops 2.543 and (0.498, 0.294)). A single face's own framing spreads about +-7% around these.
+EYE_SPAN_TO_SIDE = 2.56        # crop side / distance between the eyes
+EYE_MIDPOINT = (0.50, 0.295)   # eye midpoint, as a fraction of the crop's width and height
+# Framing from a box alone (profiles, given boxes): the crop is a level square of side
+# BOX_TO_SIDE x the box's height (MTCNN's boxes are taller than wide, and the height
+# changes less than the width when a head turns), centred at the box centre shifted by
+# BOX_CENTRE_SHIFT (in box widths, box heights).
+BOX_TO_SIDE = 0.94             # fitted as above on level faces: 0.937 (54 full-set crops), 0.926 (27 sample)
+BOX_CENTRE_SHIFT = (0.0, 0.05)  # fitted: (0.015, 0.050) and (-0.007, 0.048)
+# Eye distance below this share of the box width: a profile or a bad landmark fit,
+# where the eye recipe would zoom in far too much.
+MIN_EYE_SPAN_TO_BOX = 0.25
+
+
+@dataclass
+class Face:
+    """One face in a picture: where it is and how sure the detector was."""
+    box: np.ndarray                   # [4] float32 x0, y0, x1, y1
+    landmarks: np.ndarray             # [5, 2] float32 (x, y); NaN when unknown (given boxes)
+    score: float = float("nan")       # detector probability; NaN for given boxes
+
+    @property
+    def area(self) -> float:
+        return float(max(self.box[2] - self.box[0], 0) * max(self.box[3] - self.box[1], 0))
+
+    @property
+    def centre(self) -> np.ndarray:
+        return np.array([(self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2], np.float32)
+
+
+@dataclass
+class FaceHint:
+    """What the labels say about a picture's face: a box and/or the two eye centres (NaN when absent)."""
+    box: np.ndarray = field(default_factory=lambda: np.full(4, np.nan, np.float32))    # x0, y0, x1, y1
+    eyes: np.ndarray = field(default_factory=lambda: np.full(4, np.nan, np.float32))   # left x, y, right x, y
+
+    @property
+    def has_box(self) -> bool:
+        return bool(np.isfinite(self.box).all())
+
+    @property
+    def has_eyes(self) -> bool:
+        return bool(np.isfinite(self.eyes).all())
+
+
+@dataclass
+class AlignedFace:
+    """A face cut out in UTKFace's framing, and how to map the crop back into its picture."""
+    crop: np.ndarray            # [CROP_SIZE, CROP_SIZE, 3] uint8
+    face: Face
+    to_picture: np.ndarray      # [2, 3] affine: crop coordinates -> picture coordinates
+    framing: str                # "eyes" or "box"
+
+
+class FaceMode(Protocol):
+    name: str
+
+    def settings(self) -> dict:
+        """Everything that changes which faces are found and how they are cut (part of the fingerprint)."""
+
+    def locate(self, rgb: np.ndarray, hint: FaceHint | None = None) -> list[Face]:
+        """Every face in an HxWx3 uint8 picture, largest first."""
+
+
+# --------------------------------------------------------------------------- modes
+
+
+class WholePicture:
+    """`aligned`: the picture is already a face crop; the one 'face' is the whole of it."""
+    name = "aligned"
+
+    def settings(self) -> dict:
+        return {"mode": "aligned"}
+
+    def locate(self, rgb: np.ndarray, hint: FaceHint | None = None) -> list[Face]:
+        height, width = rgb.shape[:2]
+        return [Face(np.array([0, 0, width, height], np.float32), np.full((5, 2), np.nan, np.float32))]
+
+
+class GivenFaces:
+    """`box`: the face the labels point at (a box, eye points, or both); no detector runs."""
+    name = "box"
+
+    def settings(self) -> dict:
+        return {"mode": "box", **framing_settings()}
+
+    def locate(self, rgb: np.ndarray, hint: FaceHint | None = None) -> list[Face]:
+        if hint is None or not (hint.has_box or hint.has_eyes):
+            return []
+        landmarks = np.full((5, 2), np.nan, np.float32)
+        if hint.has_eyes:
+            landmarks[:2] = hint.eyes.reshape(2, 2)
+        if hint.has_box:
+            box = hint.box.astype(np.float32)
+        else:  # eyes only: the box the eye recipe implies, for the record and the annotated copy
+            span = float(np.linalg.norm(landmarks[1] - landmarks[0]))
+            middle = landmarks[:2].mean(0)
+            half = span * EYE_SPAN_TO_SIDE / 2
+            box = np.array([middle[0] - half, middle[1] - EYE_MIDPOINT[1] * 2 * half,
+                            middle[0] + half, middle[1] + (1 - EYE_MIDPOINT[1]) * 2 * half], np.float32)
+        return [Face(box, landmarks)]
+
+
+class MtcnnFaces:
+    """`detect`: facenet-pytorch's MTCNN (bundled weights), run on the CPU or the given device.
+
+    Pictures whose long side exceeds max_side are shrunk for the detector only
+    (boxes and landmarks are scaled back), so a 12-megapixel photo costs about
+    what a 1024-pixel one does; faces smaller than min_face_size pixels in the
+    shrunk picture are not looked for.
+    """
+    name = "detect"
+
+    def __init__(self, min_face_size: int = 20, thresholds=(0.6, 0.7, 0.7), factor: float = 0.709,
+                 max_side: int = 1024, min_score: float = 0.9, device: str | torch.device = "cpu"):
+        try:
+            from facenet_pytorch import MTCNN
+        except ImportError as err:  # pragma: no cover - a dependency of the package
+            raise RuntimeError("--faces detect needs facenet-pytorch (pip install facenet-pytorch==2.5.3)") from err
+        self.min_face_size, self.thresholds, self.factor = min_face_size, tuple(thresholds), factor
+        self.max_side, self.min_score = max_side, min_score
+        self._mtcnn = MTCNN(min_face_size=min_face_size, thresholds=list(thresholds), factor=factor,
+                            keep_all=True, select_largest=True, post_process=False, device=torch.device(device))
+
+    def settings(self) -> dict:
+        return {"mode": "detect", "detector": detector_id(), "min_face_size": self.min_face_size,
+                "thresholds": list(self.thresholds), "factor": self.factor, "max_side": self.max_side,
+                "min_score": self.min_score, **framing_settings()}
+
+    @torch.inference_mode()
+    def locate(self, rgb: np.ndarray, hint: FaceHint | None = None) -> list[Face]:
+        height, width = rgb.shape[:2]
+        scale = min(1.0, self.max_side / max(height, width))
+        picture = rgb if scale == 1.0 else shrink(rgb, scale)
+        boxes, scores, points = self._mtcnn.detect(picture, landmarks=True)
+        if boxes is None:
+            return []
+        faces = [Face((np.asarray(b) / scale).astype(np.float32), (np.asarray(p) / scale).astype(np.float32),
+                      float(s))
+                 for b, s, p in zip(boxes, scores, points) if s >= self.min_score]
+        return sorted(faces, key=lambda f: -f.area)
+
+
+def make_face_mode(name: str, device: str | torch.device = "cpu") -> FaceMode:
+    """The face mode called `name` (one of FACE_MODES)."""
+    if name == "aligned":
+        return WholePicture()
+    if name == "detect":
+        return MtcnnFaces(device=device)
+    if name == "box":
+        return GivenFaces()
+    raise ValueError(f"unknown face mode {name!r}; choose one of {', '.join(FACE_MODES)}")
+
+
+def detector_id() -> str:
+    from importlib.metadata import version
+
+    return f"facenet-pytorch-mtcnn=={version('facenet-pytorch')}"
+
+
+def framing_settings() -> dict:
+    return {"crop_size": CROP_SIZE, "eye_span_to_side": EYE_SPAN_TO_SIDE, "eye_midpoint": list(EYE_MIDPOINT),
+            "box_to_side": BOX_TO_SIDE, "box_centre_shift": list(BOX_CENTRE_SHIFT),
+            "min_eye_span_to_box": MIN_EYE_SPAN_TO_BOX}
+
+
+def choose_face(faces: list[Face], hint: FaceHint | None = None) -> int | None:
+    """Index of the face featurize uses: the one nearest the given box, else the largest."""
+    if not faces:
+        return None
+    if hint is not None and hint.has_box:
+        given = np.array([(hint.box[0] + hint.box[2]) / 2, (hint.box[1] + hint.box[3]) / 2])
+        return int(np.argmin([np.linalg.norm(f.centre - given) for f in faces]))
+    return int(np.argmax([f.area for f in faces]))
+
+
+# --------------------------------------------------------------------------- framing
+
+
+def usable_eyes(face: Face) -> bool:
+    """Eye points that frame the face well: present, and not so close that the face must be a profile."""
+    eyes = face.landmarks[:2]
+    if not np.isfinite(eyes).all():
+        return False
+    width = float(face.box[2] - face.box[0])
+    if not np.isfinite(width) or width <= 0:  # eye points given without a box
+        return True
+    return float(np.linalg.norm(eyes[1] - eyes[0])) >= MIN_EYE_SPAN_TO_BOX * width
+
+
+def crop_frame(face: Face) -> tuple[np.ndarray, float, float, str]:
+    """(centre (x, y), side, angle in radians, framing) of the crop square in picture coordinates."""
+    if usable_eyes(face):
+        left, right = face.landmarks[0].astype(np.float64), face.landmarks[1].astype(np.float64)
+        span_vector = right - left
+        angle = math.atan2(span_vector[1], span_vector[0])
+        side = EYE_SPAN_TO_SIDE * float(np.linalg.norm(span_vector))
+        middle = (left + right) / 2
+        # The eye midpoint sits at EYE_MIDPOINT of the crop; walk to the crop centre along the crop's axes.
+        offset = np.array([0.5 - EYE_MIDPOINT[0], 0.5 - EYE_MIDPOINT[1]]) * side
+        cos, sin = math.cos(angle), math.sin(angle)
+        centre = middle + np.array([cos * offset[0] - sin * offset[1], sin * offset[0] + cos * offset[1]])
+        return centre, side, angle, "eyes"
+    box = face.box.astype(np.float64)
+    width, height = box[2] - box[0], box[3] - box[1]
+    centre = np.array([(box[0] + box[2]) / 2 + BOX_CENTRE_SHIFT[0] * width,
+                       (box[1] + box[3]) / 2 + BOX_CENTRE_SHIFT[1] * height])
+    return centre, BOX_TO_SIDE * height, 0.0, "box"
+
+
+def crop_to_picture(centre: np.ndarray, side: float, angle: float, size: int = CROP_SIZE) -> np.ndarray:
+    """[2, 3] affine taking crop coordinates (0..size) to picture coordinates."""
+    scale = side / size
+    cos, sin = math.cos(angle) * scale, math.sin(angle) * scale
+    half = size / 2
+    return np.array([[cos, -sin, centre[0] - cos * half + sin * half],
+                     [sin, cos, centre[1] - sin * half - cos * half]], np.float64)
+
+
+def align_face(rgb: np.ndarray, face: Face, size: int = CROP_SIZE) -> AlignedFace:
+    """The face cut out as a size x size uint8 crop in UTKFace's framing (outside the picture is black)."""
+    centre, side, angle, framing = crop_frame(face)
+    to_picture = crop_to_picture(centre, side, angle, size)
+    return AlignedFace(warp(rgb, to_picture, size), face, to_picture, framing)
+
+
+def warp(rgb: np.ndarray, to_picture: np.ndarray, size: int) -> np.ndarray:
+    """Sample a size x size crop through a crop->picture affine map; bilinear, antialiased when shrinking.
+
+    When the crop is smaller than the face in the picture, the region under
+    the crop is first shrunk with an antialiased resize (as featurize's own
+    resize does), so the crop does not alias.
+    """
+    picture = torch.from_numpy(np.require(rgb, requirements=["C", "W"])).permute(2, 0, 1).float()[None]  # [1, 3, H, W]
+    height, width = rgb.shape[:2]
+    affine = np.asarray(to_picture, np.float64).copy()
+    corners = affine @ np.array([[0, size, 0, size], [0, 0, size, size], [1, 1, 1, 1]], np.float64)
+    x0, y0 = np.floor(corners.min(1)) - 2
+    x1, y1 = np.ceil(corners.max(1)) + 2
+    # Cut the region under the crop out of the picture (zeros outside it), so the work scales with the face.
+    region = torch.zeros((1, 3, int(y1 - y0), int(x1 - x0)))
+    sx0, sy0, sx1, sy1 = max(int(x0), 0), max(int(y0), 0), min(int(x1), width), min(int(y1), height)
+    if sx1 > sx0 and sy1 > sy0:
+        region[..., sy0 - int(y0):sy1 - int(y0), sx0 - int(x0):sx1 - int(x0)] = picture[..., sy0:sy1, sx0:sx1]
+    affine[:, 2] -= (x0, y0)
+    pixel_scale = math.hypot(affine[0, 0], affine[1, 0])  # picture pixels per crop pixel
+    if pixel_scale > 1.0:
+        target = (max(1, round(region.shape[2] / pixel_scale)), max(1, round(region.shape[3] / pixel_scale)))
+        factors = (target[0] / region.shape[2], target[1] / region.shape[3])
+        region = F.interpolate(region, size=target, mode="bilinear", align_corners=False, antialias=True)
+        affine = np.diag([factors[1], factors[0]]) @ affine
+    u = torch.arange(size, dtype=torch.float64) + 0.5
+    grid_v, grid_u = torch.meshgrid(u, u, indexing="ij")
+    coords = torch.stack([grid_u, grid_v, torch.ones_like(grid_u)], -1) @ torch.from_numpy(affine).T  # [S, S, 2]
+    normalized = coords / torch.tensor([region.shape[3], region.shape[2]], dtype=torch.float64) * 2 - 1
+    out = F.grid_sample(region, normalized[None].float(), mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def shrink(rgb: np.ndarray, scale: float) -> np.ndarray:
+    """The picture resized by `scale` < 1 (antialiased bilinear), HxWx3 uint8."""
+    height, width = rgb.shape[:2]
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    pixels = torch.from_numpy(np.require(rgb, requirements=["C", "W"])).permute(2, 0, 1).float()[None]
+    out = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def picture_points(to_picture: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Crop coordinates [K, 2] -> picture coordinates [K, 2]."""
+    points = np.asarray(points, np.float64)
+    return points @ np.asarray(to_picture)[:, :2].T + np.asarray(to_picture)[:, 2]
+
+
+def paste_back(picture: np.ndarray, crop_values: np.ndarray, to_picture: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A crop-frame map (or image) [S, S(, C)] resampled into the picture's frame.
+
+    Returns (values [H, W(, C)] float32, inside [H, W] bool: the pixels the crop covers).
+    Used to show a Grad-CAM computed on the aligned crop on the original photo.
+    """
+    height, width = picture.shape[:2]
+    size = crop_values.shape[0]
+    values = torch.from_numpy(np.asarray(crop_values, np.float32))
+    values = values[None, None] if values.ndim == 2 else values.permute(2, 0, 1)[None]
+    full = np.vstack([np.asarray(to_picture, np.float64), [0, 0, 1]])
+    to_crop = np.linalg.inv(full)[:2]
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64) + 0.5,
+                            torch.arange(width, dtype=torch.float64) + 0.5, indexing="ij")
+    coords = torch.stack([xs, ys, torch.ones_like(xs)], -1) @ torch.from_numpy(to_crop).T  # [H, W, 2]
+    inside = ((coords >= 0) & (coords <= size)).all(-1).numpy()
+    out = F.grid_sample(values, (coords / size * 2 - 1)[None].float(), mode="bilinear", padding_mode="zeros",
+                        align_corners=False)[0]
+    out = out[0] if crop_values.ndim == 2 else out.permute(1, 2, 0)
+    return out.numpy(), inside

@@ -1,0 +1,305 @@
+"""Inference engines: ONNX Runtime gives PyTorch's features, its export cache, fallbacks, mixed-engine refusal, resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import REAL_IMAGES, REPO, real_data_reason, write_utk_folder
+
+from pipeline import engines, onnx_export
+from pipeline.backbones import create_backbone
+from pipeline.cli.featurize import main as featurize_cli
+from pipeline.decode import make_decoder
+from pipeline.extract import BackboneRunner
+from pipeline.store import read_features, read_settings
+
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (the PyTorch engine is tested elsewhere)")
+pytest.importorskip("onnxscript", reason="onnxscript is not installed: no ONNX export here")
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory):
+    """One export cache for this module, so the cache tests see exactly the exports made here."""
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(onnx_export.CACHE_ENV, str(folder))  # subprocesses inherit it too
+        yield folder
+
+
+def views_of(files) -> torch.Tensor:
+    return make_decoder("torch", "cpu").decode([str(f) for f in files]).views
+
+
+def run_both(names, weights, files, descriptors=()) -> tuple[dict, dict, BackboneRunner]:
+    """Features of `files` from the torch engine and the onnxruntime engine."""
+    views = views_of(files)
+    torch_runner = BackboneRunner(names, weights, CPU, descriptors, engine="torch")
+    onnx_runner = BackboneRunner(names, weights, CPU, descriptors, engine="onnxruntime", probe_files=files,
+                                 log=lambda *_: None)
+    return torch_runner(views), onnx_runner(views), onnx_runner
+
+
+def assert_close(reference: dict, got: dict) -> None:
+    """Every output agrees within float rounding: 1e-4 of the features' scale (and 1e-4 absolute below 1)."""
+    for name, outputs in reference.items():
+        assert list(got[name]) == list(outputs), "same outputs, same order"
+        for key, expected in outputs.items():
+            scale = max(1.0, float(np.abs(expected).max()))
+            assert np.abs(expected).max() > 1e-3, f"{name}/{key}: features too small to compare"
+            np.testing.assert_allclose(got[name][key], expected, rtol=0, atol=1e-4 * scale, err_msg=f"{name}/{key}")
+
+
+def test_engines_agree_on_the_calibrated_mobilenet(utk_folder, calibrated_mobilenet, onnx_cache):
+    files = sorted(utk_folder.iterdir())[:5]
+    weights = {"mobilenet_v2": str(calibrated_mobilenet)}
+    reference, got, runner = run_both(["mobilenet_v2"], weights, files)
+    assert_close(reference, got)
+    assert runner.describe() == {"engine": "onnxruntime", "engine_version": __import__("onnxruntime").__version__,
+                                 "opset": onnx_export.OPSET, "threads": engines.default_threads()}
+    assert got["mobilenet_v2"]["features"].shape == (5, 2, 1280)
+    # The batch axis is dynamic: one image alone gives the same row as inside the batch.
+    alone = runner(views_of(files[2:3]))
+    np.testing.assert_allclose(alone["mobilenet_v2"]["features"][0], got["mobilenet_v2"]["features"][2],
+                               rtol=0, atol=1e-5)
+
+
+def test_descriptors_come_out_of_the_same_graph(utk_folder, calibrated_mobilenet, onnx_cache):
+    files = sorted(utk_folder.iterdir())[:3]
+    reference, got, runner = run_both(["mobilenet_v2"], {"mobilenet_v2": str(calibrated_mobilenet)}, files,
+                                      descriptors=("gem", "grid", "stage_grid"))
+    assert list(got["mobilenet_v2"]) == ["features", "stages", "gem", "grid", "stage_grid"]
+    assert_close(reference, got)
+    assert runner.models["mobilenet_v2"].session.get_outputs()[2].name == "gem"  # one session, five outputs
+
+
+def test_engines_agree_on_real_weights(onnx_cache):
+    reason = real_data_reason()
+    if reason:
+        pytest.skip(reason)
+    files = sorted(REAL_IMAGES.iterdir())[:4]
+    names = ["mobilenet_v2", "resnet50", "efficientnet_b0"]
+    reference, got, _ = run_both(names, {n: "IMAGENET1K_V1" for n in names}, files)
+    assert_close(reference, got)
+
+
+def test_export_cache_is_reused_and_rebuilt_when_the_weights_change(calibrated_mobilenet, tmp_path, onnx_cache):
+    backbone = create_backbone("mobilenet_v2", str(calibrated_mobilenet))
+    version = __import__("onnxruntime").__version__
+    path, exported = onnx_export.exported_model(backbone, version, onnx_cache, log=lambda *_: None)
+    before = path.stat().st_mtime_ns
+    again, exported_again = onnx_export.exported_model(backbone, version, onnx_cache, log=lambda *_: None)
+    assert (again, exported_again) == (path, False) and path.stat().st_mtime_ns == before
+    assert json.loads(path.with_suffix(".json").read_text())["weights_id"] == backbone.weights_id
+    assert not list(onnx_cache.glob(".*partial"))
+
+    # Other tensors under the same weights id (a replaced checkpoint) must not reuse the old graph.
+    with torch.no_grad():
+        backbone.model.classifier[1].bias.zero_()   # not part of the pooled features: the key still changes
+        backbone.model.features[0][0].weight.mul_(1.5)
+    changed, exported_changed = onnx_export.exported_model(backbone, version, onnx_cache, log=lambda *_: None)
+    assert exported_changed and changed != path and changed.is_file() and path.is_file()
+    session = engines.make_session(changed, 1)
+    views = views_of(sorted(p for p in (REPO / "sample" / "utkface").iterdir())[:1]).flatten(0, 1)
+    with torch.inference_mode():
+        expected = backbone(views)["features"].numpy()
+    np.testing.assert_allclose(session.run(["features"], {"views": views.numpy()})[0], expected,
+                               rtol=0, atol=1e-4 * max(1.0, np.abs(expected).max()))
+
+
+def test_a_graph_that_does_not_match_pytorch_is_refused(utk_folder, calibrated_mobilenet, onnx_cache, monkeypatch):
+    # Simulate a wrong graph: the session's features are shifted by 1e-3, ten times the allowed difference.
+    real_call = engines.OnnxBackbone.__call__
+
+    def shifted(self, x):
+        out = real_call(self, x)
+        return {**out, "features": out["features"] + 1e-3}
+
+    monkeypatch.setattr(engines.OnnxBackbone, "__call__", shifted)
+    weights = {"mobilenet_v2": str(calibrated_mobilenet)}
+    files = sorted(utk_folder.iterdir())[:2]
+    with pytest.raises(engines.EngineUnavailable, match="does not reproduce PyTorch.*features"):
+        BackboneRunner(["mobilenet_v2"], weights, CPU, engine="onnxruntime", probe_files=files, log=lambda *_: None)
+    lines = []
+    runner = BackboneRunner(["mobilenet_v2"], weights, CPU, engine="auto", probe_files=files, log=lines.append)
+    assert runner.describe()["engine"] == "torch"
+    assert any("PyTorch" in line and "does not reproduce" in line for line in lines)
+
+
+def test_fallback_when_onnxruntime_is_missing(utk_folder, calibrated_mobilenet, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)   # import onnxruntime now raises ImportError
+    weights = {"mobilenet_v2": str(calibrated_mobilenet)}
+    lines = []
+    runner = BackboneRunner(["mobilenet_v2"], weights, CPU, engine="auto", log=lines.append)
+    assert runner.describe() == {"engine": "torch", "engine_version": torch.__version__}
+    assert lines and "onnxruntime is not installed" in lines[0]
+    assert engines.planned_engine("auto", CPU)["engine"] == "torch"
+    with pytest.raises(engines.EngineUnavailable, match="onnxruntime is not installed"):
+        BackboneRunner(["mobilenet_v2"], weights, CPU, engine="onnxruntime")
+
+    fast = ["--backbones", "mobilenet_v2", "--weights", str(calibrated_mobilenet), "--quiet", "--limit", "2"]
+    result = CliRunner().invoke(featurize_cli, [str(utk_folder), "-o", str(tmp_path / "a.h5"), *fast])
+    assert result.exit_code == 0, result.output
+    assert "engine: PyTorch" in result.output and "onnxruntime is not installed" in result.output
+    result = CliRunner().invoke(featurize_cli, [str(utk_folder), "-o", str(tmp_path / "b.h5"), *fast,
+                                                "--engine", "onnxruntime"])
+    assert result.exit_code == 1 and "onnxruntime is not installed" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "b.h5").exists()
+
+
+def test_fallback_when_the_exporter_is_missing(calibrated_mobilenet, tmp_path, monkeypatch, onnx_cache):
+    weights = {"mobilenet_v2": str(calibrated_mobilenet)}
+    onnx_export.exported_model(create_backbone("mobilenet_v2", weights["mobilenet_v2"]),
+                               __import__("onnxruntime").__version__, onnx_cache, log=lambda *_: None)
+    monkeypatch.setitem(sys.modules, "onnxscript", None)   # import onnxscript now raises ImportError
+    # A graph exported earlier still runs: only exporting needs onnx and onnxscript.
+    runner = BackboneRunner(["mobilenet_v2"], weights, CPU, engine="auto", log=lambda *_: None)
+    assert runner.describe()["engine"] == "onnxruntime"
+
+    monkeypatch.setenv(onnx_export.CACHE_ENV, str(tmp_path / "empty-cache"))
+    lines = []
+    runner = BackboneRunner(["mobilenet_v2"], weights, CPU, engine="auto", log=lines.append)
+    assert runner.describe()["engine"] == "torch"
+    assert "onnx and onnxscript" in lines[0] and "export only" in lines[0]
+
+
+def test_the_gpu_keeps_pytorch():
+    assert engines.select_engine({}, "auto", torch.device("cuda"), log=lambda *_: None)[1]["engine"] == "torch"
+    assert engines.planned_engine("auto", "cuda")["engine"] == "torch"
+    with pytest.raises(engines.EngineUnavailable, match="CPU"):
+        engines.select_engine({}, "onnxruntime", torch.device("cuda"))
+    with pytest.raises(engines.EngineUnavailable, match="float32"):
+        engines.select_engine({}, "onnxruntime", CPU, precision="bfloat16-autocast")
+
+
+def featurize(*args) -> str:
+    result = CliRunner().invoke(featurize_cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_a_file_mixing_engines_is_refused(utk_folder, calibrated_mobilenet, tmp_path, onnx_cache):
+    fast = ["--backbones", "mobilenet_v2", "--weights", str(calibrated_mobilenet), "--quiet", "--batch-size", "4"]
+    out = tmp_path / "f.h5"
+    # Shards computed with different engines do not merge into one file.
+    featurize(utk_folder, "-o", out, *fast, "--shard", "0/2", "--engine", "torch")
+    featurize(utk_folder, "-o", out, *fast, "--shard", "1/2", "--engine", "onnxruntime")
+    shards = sorted(tmp_path.glob("f.shard-*-of-2.h5"))
+    assert [read_settings(s)["compute"]["engine"] for s in shards] == ["torch", "onnxruntime"]
+    result = CliRunner().invoke(featurize_cli, ["merge", *map(str, shards), "-o", str(tmp_path / "merged.h5")])
+    assert result.exit_code == 1 and "onnxruntime" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "merged.h5").exists()
+
+    # A finished torch file is not topped up, or redone, by the other engine.
+    whole = tmp_path / "whole.h5"
+    featurize(utk_folder, "-o", whole, *fast, "--engine", "torch")
+    result = CliRunner().invoke(featurize_cli, [str(utk_folder), "-o", str(whole), *fast, "--engine", "onnxruntime"])
+    assert result.exit_code == 1 and "onnxruntime" in result.output
+
+
+def test_resume_of_a_job_started_with_the_other_engine_is_refused(utk_folder, calibrated_mobilenet, tmp_path,
+                                                                  onnx_cache):
+    from pipeline import extract
+
+    config = extract.FeaturizeConfig(data_dir=utk_folder, out=tmp_path / "f.h5", backbones=("mobilenet_v2",),
+                                     weights={"mobilenet_v2": str(calibrated_mobilenet)}, batch_size=4,
+                                     engine="torch")
+
+    class StopAfterFirstBatch:
+        def update(self, n):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract.run(config, progress=lambda total, initial: StopAfterFirstBatch(), log=lambda *_: None)
+    assert len(list(Path(str(config.out) + ".parts").glob("rows-*.npz"))) == 1
+
+    config.engine = "onnxruntime"
+    with pytest.raises(extract.SettingsMismatch, match="onnxruntime"):
+        extract.run(config, progress=None, log=lambda *_: None)
+    assert not config.out.exists()
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, str(REPO / "featurize.py"), *[str(a) for a in args]]
+
+
+def test_resume_after_kill_9_gives_the_same_features_with_onnxruntime(tmp_path, calibrated_mobilenet, onnx_cache):
+    folder = tmp_path / "utk"
+    write_utk_folder(folder, [(7 * i) % 117 for i in range(60)])
+    args = [folder, "--backbones", "mobilenet_v2", "--weights", calibrated_mobilenet, "--quiet",
+            "--batch-size", "2", "--decoder", "torch", "--engine", "onnxruntime"]
+    straight = tmp_path / "straight.h5"
+    featurize(*args, "-o", straight)          # also puts the graph in the cache: the killed run starts fast
+    assert read_settings(straight)["compute"]["engine"] == "onnxruntime"
+
+    out = tmp_path / "resumed.h5"
+    parts = Path(str(out) + ".parts")
+    proc = subprocess.Popen(_cli(*args, "-o", out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while len(list(parts.glob("rows-*.npz"))) < 2:
+        if proc.poll() is not None:
+            pytest.fail(f"featurize ended before it could be killed:\n{proc.stdout.read()}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail("no batch was finished in time")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert not out.exists()
+
+    resumed = subprocess.run(_cli(*args, "-o", out), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming:" in resumed.stdout and "ONNX Runtime" in resumed.stdout
+    for kind in ("last", "stages"):
+        np.testing.assert_array_equal(read_features(out, "mobilenet_v2", kind),
+                                      read_features(straight, "mobilenet_v2", kind))
+    assert read_settings(out) == read_settings(straight)
+
+
+def test_predict_gives_the_same_answers_with_either_engine(utk_folder, calibrated_mobilenet, tmp_path, onnx_cache):
+    from pipeline.backbones import resolve_weights_id
+    from pipeline.cli.predict import main as predict_main
+    from pipeline.constants import group_names
+    from pipeline.heads import AgeHead, save_checkpoint
+
+    edges = [25, 50, 75, 116]
+    files = sorted(utk_folder.iterdir())
+    backbone = create_backbone("mobilenet_v2", str(calibrated_mobilenet))
+    with torch.inference_mode():
+        feats = backbone(views_of(files)[:, 0])["features"]
+    torch.manual_seed(1)
+    head = AgeHead(feats.shape[1], (16,), 0.0, edges, "group")
+    with torch.no_grad():  # standardized with these images' statistics, confident: the answers differ per image
+        head.feature_mean.copy_(feats.mean(0))
+        head.feature_std.copy_(feats.std(0) + 1e-3)
+        head.mlp[-1].weight.mul_(30.0)
+    meta = {"backbones": ["mobilenet_v2"], "weights": {"mobilenet_v2": resolve_weights_id(
+                "mobilenet_v2", str(calibrated_mobilenet))}, "feature_kind": "last", "group_edges": edges,
+            "class_names": group_names(edges), "target": "group", "feature_fingerprint": "test",
+            "preprocessing": {}, "feature_dim": feats.shape[1], "hidden": [16], "config": {}, "history": [],
+            "best_epoch": 1}
+    checkpoint = save_checkpoint(tmp_path / "head", head, meta)
+
+    probabilities = {}
+    for engine in ("torch", "onnxruntime"):
+        out = tmp_path / f"{engine}.csv"
+        result = CliRunner().invoke(predict_main, [str(utk_folder), "--checkpoint", str(checkpoint), "--weights",
+                                                   f"mobilenet_v2={calibrated_mobilenet}", "--device", "cpu",
+                                                   "--engine", engine, "-o", str(out), "--quiet"])
+        assert result.exit_code == 0, result.output
+        rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
+        probabilities[engine] = np.array([[float(v) for v in row[2:6]] for row in rows])
+    assert "engine: ONNX Runtime" in result.output
+    assert len(probabilities["torch"]) == 12 and probabilities["torch"].argmax(1).min() != \
+        probabilities["torch"].argmax(1).max()  # not one answer for every image
+    np.testing.assert_allclose(probabilities["onnxruntime"], probabilities["torch"], atol=1e-4)

@@ -1,0 +1,412 @@
+"""Faces in ordinary pictures: MTCNN detection, UTKFace-style alignment, featurize/predict --faces.
+
+Real pictures only: scikit-image's astronaut() portrait and UTKFace crops from
+sample/utkface pasted into made-up scenes with a known transform, so the cut-out
+face can be compared with the crop that was pasted.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import REPO
+from scenes import background, crop_geometry, paste
+from pipeline.faces import (BOX_TO_SIDE, CROP_SIZE, EYE_MIDPOINT, EYE_SPAN_TO_SIDE, Face, FaceHint, MtcnnFaces,
+                            align_face, choose_face, paste_back)
+
+SAMPLE = REPO / "sample" / "utkface"
+# Two sample crops with frontal faces of different people and ages.
+CROPS = ["20_0_0_20170117134052589.jpg.chip.jpg", "16_0_1_20170116200802213.jpg.chip.jpg"]
+
+
+def sample_crop(name: str) -> np.ndarray:
+    return np.asarray(Image.open(SAMPLE / name).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def detector() -> MtcnnFaces:
+    torch.manual_seed(0)
+    return MtcnnFaces()
+
+
+def run(command, args):
+    result = CliRunner().invoke(command, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+# --------------------------------------------------------------------------- detection and alignment
+
+
+def test_astronaut_portrait_has_one_face_with_a_plausible_box(detector):
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image (the test extra) ships astronaut()")
+    picture = skimage_data.astronaut()  # 512x512, Eileen Collins, head in the upper left-middle
+    faces = detector.locate(picture)
+    assert len(faces) == 1
+    face = faces[0]
+    x0, y0, x1, y1 = face.box
+    assert 150 < (x0 + x1) / 2 < 300 and 60 < (y0 + y1) / 2 < 200, face.box   # where her face is
+    assert 60 < x1 - x0 < 150 and 80 < y1 - y0 < 180                          # a head, not a patch or the photo
+    assert face.score > 0.99
+    left_eye, right_eye = face.landmarks[:2]
+    assert left_eye[0] < right_eye[0] and abs(left_eye[1] - right_eye[1]) < 10   # an upright portrait
+    aligned = align_face(picture, face)
+    assert aligned.crop.shape == (CROP_SIZE, CROP_SIZE, 3) and aligned.framing == "eyes"
+    # The eyes land where UTKFace puts them.
+    eyes_in_crop = (np.linalg.inv(np.vstack([aligned.to_picture, [0, 0, 1]]))[:2]
+                    @ np.c_[face.landmarks[:2], np.ones(2)].T).T
+    np.testing.assert_allclose(eyes_in_crop.mean(0), np.array(EYE_MIDPOINT) * CROP_SIZE, atol=0.5)
+    assert np.linalg.norm(eyes_in_crop[1] - eyes_in_crop[0]) == pytest.approx(CROP_SIZE / EYE_SPAN_TO_SIDE, rel=1e-3)
+
+
+@pytest.mark.parametrize("name,centre,side,tilt", [
+    (CROPS[0], (320, 240), 200, 0.0),      # same size, centred: almost the original crop
+    (CROPS[0], (150, 130), 110, 15.0),     # small, top left, turned clockwise
+    (CROPS[0], (470, 300), 240, -22.0),    # large, turned the other way
+    (CROPS[1], (420, 160), 150, 8.0),
+    (CROPS[1], (200, 330), 90, -12.0),
+])
+def test_pasted_crop_is_found_and_cut_out_like_the_original(detector, name, centre, side, tilt):
+    crop = sample_crop(name)
+    scene = background(480, 640, seed=len(name) + int(side))
+    paste_map = paste(scene, crop, centre, side, tilt)
+    faces = detector.locate(scene)
+    assert len(faces) == 1
+    aligned = align_face(scene, faces[0])
+    assert aligned.framing == "eyes"
+    # The cut-out square against the pasted one: centre, size and angle.
+    true_centre, true_side, true_angle = crop_geometry(paste_map, CROP_SIZE)
+    got_centre, got_side, got_angle = crop_geometry(aligned.to_picture, CROP_SIZE)
+    assert np.linalg.norm(got_centre - true_centre) < 0.08 * true_side
+    assert got_side / true_side == pytest.approx(1.0, abs=0.12)
+    assert abs(got_angle - true_angle) < 5.0
+    # And the pixels: the cut-out face looks like the original crop, far more than like a shifted one.
+    error = np.abs(aligned.crop.astype(float) - crop).mean()
+    shifted = np.abs(np.roll(aligned.crop, 30, axis=1).astype(float) - crop).mean()
+    assert error < 30 and error < 0.7 * shifted
+
+
+def test_alignment_undoes_the_tilt(detector):
+    """The same face pasted level and turned by 20 degrees is cut out as nearly the same part of the original."""
+    crop = sample_crop(CROPS[1])
+    in_original = []
+    for tilt in (0.0, 20.0):
+        scene = background(480, 640, seed=3)
+        paste_map = paste(scene, crop, (320, 240), 180, tilt)
+        aligned = align_face(scene, detector.locate(scene)[0])
+        # aligned crop -> scene -> original crop coordinates
+        to_original = np.linalg.inv(np.vstack([paste_map, [0, 0, 1]])) @ np.vstack([aligned.to_picture, [0, 0, 1]])
+        in_original.append(crop_geometry(to_original[:2], CROP_SIZE))
+    (centre_a, side_a, angle_a), (centre_b, side_b, angle_b) = in_original
+    assert abs(angle_a) < 4 and abs(angle_b) < 4            # level in the original's frame, whatever the tilt
+    assert np.linalg.norm(centre_a - centre_b) < 0.06 * CROP_SIZE
+    assert side_a / side_b == pytest.approx(1.0, abs=0.12)
+
+
+def test_scene_without_a_face_has_none(detector):
+    for seed in range(3):
+        assert detector.locate(background(480, 640, seed=100 + seed)) == []
+
+
+def test_two_faces_largest_first_and_the_given_box_picks_the_other(detector):
+    scene = background(480, 640, seed=7)
+    big = paste(scene, sample_crop(CROPS[0]), (180, 240), 220, 0.0)
+    small = paste(scene, sample_crop(CROPS[1]), (500, 200), 120, 5.0)
+    faces = detector.locate(scene)
+    assert len(faces) == 2
+    assert faces[0].area > faces[1].area
+    big_centre, small_centre = crop_geometry(big, CROP_SIZE)[0], crop_geometry(small, CROP_SIZE)[0]
+    assert choose_face(faces) == 0
+    assert np.linalg.norm(faces[0].centre - big_centre) < 40
+    hint = FaceHint(box=np.array([470, 170, 530, 240], np.float32))   # a label box on the small face
+    assert np.linalg.norm(faces[choose_face(faces, hint)].centre - small_centre) < 30
+
+
+def test_profile_landmarks_fall_back_to_the_box():
+    picture = np.zeros((300, 300, 3), np.uint8)
+    box = np.array([100, 80, 200, 210], np.float32)
+    profile = Face(box, np.array([[150, 130], [158, 131], [170, 160], [150, 180], [160, 181]], np.float32), 0.99)
+    aligned = align_face(picture, profile)
+    assert aligned.framing == "box"
+    side = crop_geometry(aligned.to_picture, CROP_SIZE)[1]
+    assert side == pytest.approx(BOX_TO_SIDE * 130, rel=1e-6)   # x box height, not EYE_SPAN_TO_SIDE x 8 px
+    frontal = Face(box, np.array([[130, 130], [170, 130], [150, 160], [135, 180], [165, 180]], np.float32), 0.99)
+    assert align_face(picture, frontal).framing == "eyes"
+
+
+def test_paste_back_inverts_the_crop():
+    """A map in the crop's frame pasted into the picture lands where the crop came from."""
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    face = Face(np.array([100, 60, 180, 160], np.float32),
+                np.array([[120, 100], [160, 108], [140, 125], [125, 140], [155, 145]], np.float32), 0.99)
+    aligned = align_face(picture, face)
+    back, inside = paste_back(picture, aligned.crop.astype(np.float32), aligned.to_picture)
+    assert inside.sum() > 3000
+    # Where the crop covers the picture, crop-then-paste-back reproduces the picture up to resampling blur.
+    spread = np.abs(picture[inside] - picture[inside].mean(0)).mean()
+    assert np.abs(back[inside] - picture[inside]).mean() < 0.5 * spread
+
+
+# --------------------------------------------------------------------------- featurize --faces
+
+
+def write_scene(path: Path, crops: list[tuple[str, tuple, float, float]], seed: int) -> Path:
+    scene = background(480, 640, seed)
+    for name, centre, side, tilt in crops:
+        paste(scene, sample_crop(name), centre, side, tilt)
+    Image.fromarray(scene).save(path)  # PNG: no recompression, so the detector sees what the test made
+    return path
+
+
+@pytest.fixture(scope="module")
+def scene_folder(tmp_path_factory) -> Path:
+    """Four UTKFace-named scenes: one face, one face turned, two faces, no face."""
+    folder = tmp_path_factory.mktemp("scenes") / "data"
+    folder.mkdir()
+    write_scene(folder / "30_0_0_20170101000000001.png", [(CROPS[0], (300, 220), 180, 0.0)], 1)
+    write_scene(folder / "60_1_0_20170101000000002.png", [(CROPS[1], (200, 260), 150, -15.0)], 2)
+    write_scene(folder / "20_0_1_20170101000000003.png",
+                [(CROPS[0], (170, 240), 210, 0.0), (CROPS[1], (500, 190), 110, 5.0)], 3)
+    write_scene(folder / "45_1_1_20170101000000004.png", [], 4)
+    return folder
+
+
+def test_featurize_detect_stores_faces_and_skips_the_faceless_scene(scene_folder, fast, tmp_path):
+    from pipeline.cli.featurize import main as featurize_main
+    from pipeline.store import read_meta, read_row_group, read_settings, read_skipped
+
+    out = tmp_path / "detect.h5"
+    result = run(featurize_main, [scene_folder, "-o", out, "--faces", "detect", "--device", "cpu", "--batch-size", 2,
+                                  *fast])
+    assert result.exit_code in (0, 3), result.output   # 3: finished, some inputs skipped (the faceless scene)
+    meta = read_meta(out)
+    assert sorted(Path(p).name for p in meta["path"]) == ["20_0_1_20170101000000003.png",
+                                                          "30_0_0_20170101000000001.png",
+                                                          "60_1_0_20170101000000002.png"]
+    with h5py.File(out) as h5:
+        assert dict(read_skipped(h5)) == {"45_1_1_20170101000000004.png": "no face found"}
+    faces = read_row_group(out, "faces")
+    assert faces["box"].shape == (3, 4) and faces["landmarks"].shape == (3, 5, 2)
+    by_name = {Path(p).name: i for i, p in enumerate(meta["path"])}
+    two = by_name["20_0_1_20170101000000003.png"]
+    assert faces["faces_found"][two] == 2 and faces["faces_found"][by_name["30_0_0_20170101000000001.png"]] == 1
+    assert abs((faces["box"][two][0] + faces["box"][two][2]) / 2 - 170) < 40   # the larger face was used
+    assert (faces["score"] > 0.9).all() and set(faces["framing"]) == {"eyes"}
+    settings = read_settings(out)
+    assert settings["faces"]["mode"] == "detect"
+    assert settings["faces"]["detector"].startswith("facenet-pytorch-mtcnn==")
+
+
+def test_sharded_detect_runs_merge_into_the_single_run(scene_folder, fast, tmp_path):
+    """The per-row face record travels through shards and merge like the features do."""
+    from pipeline.cli.featurize import main as featurize_main
+    from pipeline.store import read_features, read_row_group, read_settings
+
+    single = tmp_path / "single.h5"
+    common = ["--faces", "detect", "--device", "cpu", "--batch-size", 1, *fast]
+    assert run(featurize_main, [scene_folder, "-o", single, *common]).exit_code in (0, 3)
+    for index in range(2):
+        assert run(featurize_main, [scene_folder, "-o", tmp_path / "sharded.h5", "--shard", f"{index}/2",
+                                    *common]).exit_code in (0, 3)
+    merged = tmp_path / "merged.h5"
+    result = run(featurize_main, ["merge", tmp_path / "sharded.shard-0-of-2.h5", tmp_path / "sharded.shard-1-of-2.h5",
+                                  "-o", merged])
+    assert result.exit_code == 0, result.output
+    assert read_settings(merged)["fingerprint"] == read_settings(single)["fingerprint"]
+    one, two = read_row_group(single), read_row_group(merged)
+    assert sorted(one) == sorted(two) == ["box", "faces_found", "framing", "landmarks", "score"]
+    for name in one:
+        np.testing.assert_array_equal(one[name], two[name])
+    np.testing.assert_array_equal(read_features(single, "mobilenet_v2"), read_features(merged, "mobilenet_v2"))
+
+
+def test_featurize_detect_features_are_those_of_the_cut_out_crop(scene_folder, fast, tmp_path, detector):
+    """Detect mode runs the ordinary decode math on the aligned crop: featurizing that crop as an aligned
+    picture (saved losslessly) gives the same features."""
+    from pipeline.cli.featurize import main as featurize_main
+    from pipeline.store import read_features, read_meta
+
+    name = "30_0_0_20170101000000001.png"
+    single = tmp_path / "one"
+    single.mkdir()
+    (single / name).write_bytes((scene_folder / name).read_bytes())
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    scene = np.asarray(Image.open(scene_folder / name).convert("RGB"))
+    Image.fromarray(align_face(scene, detector.locate(scene)[0]).crop).save(crops / name)
+    detect, aligned = tmp_path / "detect.h5", tmp_path / "aligned.h5"
+    assert run(featurize_main, [single, "-o", detect, "--faces", "detect", "--device", "cpu", *fast]).exit_code == 0
+    assert run(featurize_main, [crops, "-o", aligned, "--decoder", "torch", "--device", "cpu", *fast]).exit_code == 0
+    assert len(read_meta(detect)["path"]) == 1
+    a, b = read_features(detect, "mobilenet_v2"), read_features(aligned, "mobilenet_v2")
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)
+    assert np.abs(a).mean() > 0.05   # features of a real size, so the comparison means something
+
+
+def test_aligned_mode_adds_nothing_to_the_file(scene_folder, fast, tmp_path):
+    from pipeline.cli.featurize import main as featurize_main
+    from pipeline.store import read_row_group, read_settings
+
+    out = tmp_path / "aligned.h5"
+    result = run(featurize_main, [SAMPLE, "-o", out, "--limit", 4, "--device", "cpu", *fast])
+    assert result.exit_code == 0, result.output
+    assert "faces" not in read_settings(out)   # so UTKFace files keep the fingerprint they always had
+    assert read_row_group(out, "faces") == {}
+
+
+def test_featurize_box_mode_uses_the_labelled_box(scene_folder, fast, tmp_path):
+    """--faces box: no detector; the CSV's x,y,w,h (here on the smaller face of the two-face scene) is cut out."""
+    from pipeline.cli.featurize import main as featurize_main
+    from pipeline.store import read_meta, read_row_group, read_settings
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,age,x,y,w,h\n"
+                      "20_0_1_20170101000000003.png,20,455,140,90,110\n"
+                      "45_1_1_20170101000000004.png,45,,,,\n")
+    out = tmp_path / "box.h5"
+    result = run(featurize_main, [scene_folder, "-o", out, "--faces", "box", "--labels", labels, "--device", "cpu",
+                                  *fast])
+    assert result.exit_code in (0, 3), result.output
+    assert list(read_meta(out)["age"]) == [20]
+    faces = read_row_group(out, "faces")
+    np.testing.assert_allclose(faces["box"][0], [455, 140, 545, 250])
+    assert faces["framing"][0] == "box" and np.isnan(faces["score"][0])
+    assert read_settings(out)["faces"]["mode"] == "box"
+    assert "no face box or eye points given" in result.output
+
+
+# --------------------------------------------------------------------------- predict --faces detect
+
+
+@pytest.fixture(scope="module")
+def mnv2_head(tmp_path_factory, calibrated_mobilenet):
+    """A random head over the calibrated MobileNetV2's pooled features, confident enough to vary by face."""
+    from pipeline.backbones import get_spec, resolve_weights_id
+    from pipeline.constants import group_names
+    from pipeline.heads import AgeHead, save_checkpoint
+
+    edges = [25, 50, 75, 116]
+    width = get_spec("mobilenet_v2").feature_width
+    torch.manual_seed(3)
+    head = AgeHead(width, (16,), 0.0, edges, "group")
+    with torch.no_grad():
+        head.mlp[-1].weight.mul_(20.0)
+    meta = {"backbones": ["mobilenet_v2"],
+            "weights": {"mobilenet_v2": resolve_weights_id("mobilenet_v2", str(calibrated_mobilenet))},
+            "feature_kind": "last", "group_edges": edges, "class_names": group_names(edges), "target": "group",
+            "feature_fingerprint": "test", "preprocessing": {}, "feature_dim": width, "hidden": [16],
+            "config": {}, "history": [], "best_epoch": 1}
+    return save_checkpoint(tmp_path_factory.mktemp("head") / "head", head, meta)
+
+
+def test_predict_detect_writes_one_row_per_face_and_an_annotated_copy(scene_folder, mnv2_head, calibrated_mobilenet,
+                                                                      detector, tmp_path):
+    from pipeline.cli.predict import main as predict_main
+
+    out = tmp_path / "pred.csv"
+    weights = f"mobilenet_v2={calibrated_mobilenet}"
+    result = run(predict_main, [scene_folder, "--checkpoint", mnv2_head, "--weights", weights, "--faces", "detect",
+                                "--device", "cpu", "-o", out])
+    assert result.exit_code in (0, 3), result.output
+    with out.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    per_file = {}
+    for row in rows:
+        per_file.setdefault(Path(row["file"]).name, []).append(row)
+    assert {k: len(v) for k, v in per_file.items()} == {"20_0_1_20170101000000003.png": 2,
+                                                         "30_0_0_20170101000000001.png": 1,
+                                                         "60_1_0_20170101000000002.png": 1}
+    assert "45_1_1_20170101000000004.png: no face found" in result.output   # reported by name
+    two = per_file["20_0_1_20170101000000003.png"]
+    assert [r["face"] for r in two] == ["0", "1"]
+    widths = [float(r["x1"]) - float(r["x0"]) for r in two]
+    assert widths[0] > widths[1]                       # largest first
+    assert all(float(r["score"]) > 0.9 for r in rows)
+    # Each face's probabilities are the head's on its cut-out crop, labelled as an aligned picture.
+    scene = np.asarray(Image.open(scene_folder / "20_0_1_20170101000000003.png").convert("RGB"))
+    crop_dir = tmp_path / "crops"
+    crop_dir.mkdir()
+    for k, face in enumerate(detector.locate(scene)):
+        Image.fromarray(align_face(scene, face).crop).save(crop_dir / f"face{k}.png")
+    aligned_out = tmp_path / "aligned.csv"
+    result = run(predict_main, [crop_dir, "--checkpoint", mnv2_head, "--weights", weights, "--decoder", "torch",
+                                "--device", "cpu", "-o", aligned_out])
+    assert result.exit_code == 0, result.output
+    with aligned_out.open(newline="") as handle:
+        aligned = {Path(r["file"]).stem: r for r in csv.DictReader(handle)}
+    probability_columns = [c for c in rows[0] if c.startswith("p_")]
+    for k, row in enumerate(two):
+        np.testing.assert_allclose([float(row[c]) for c in probability_columns],
+                                   [float(aligned[f"face{k}"][c]) for c in probability_columns], atol=1e-4)
+    # The annotated copy: same size as the photo, red box pixels around each face.
+    annotated = tmp_path / "pred_annotated" / "20_0_1_20170101000000003_faces.png"
+    assert annotated.is_file()
+    drawn = np.asarray(Image.open(annotated).convert("RGB")).astype(int)
+    assert drawn.shape == scene.shape
+    changed = np.abs(drawn - scene).sum(-1) > 60
+    for row in two:
+        x0, y0, x1, y1 = (int(round(float(row[c]))) for c in ("x0", "y0", "x1", "y1"))
+        assert changed[(y0 + y1) // 2, max(x0 - 1, 0):x0 + 3].any()   # the box's left edge is drawn
+    assert not changed[(y0 + y1) // 2, (x0 + x1) // 2]                 # the face itself is left alone
+
+
+# --------------------------------------------------------------------------- explain --faces detect
+
+
+def test_explain_detect_maps_each_face_crop_and_pastes_it_back(scene_folder, mnv2_head, calibrated_mobilenet,
+                                                               detector, tmp_path):
+    from pipeline.cli.explain import main as explain_main
+    from pipeline.overlays import title_band_height
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("20_0_1_20170101000000003.png", "45_1_1_20170101000000004.png"):
+        (photos / name).write_bytes((scene_folder / name).read_bytes())
+    weights = f"mobilenet_v2={calibrated_mobilenet}"
+    out = tmp_path / "cams"
+    result = run(explain_main, [photos, "-c", mnv2_head, "--weights", weights, "--faces", "detect", "--save-npy",
+                                "--device", "cpu", "-o", out])
+    assert result.exit_code != 0 or "no face found" in result.output   # the faceless photo is reported...
+    assert "45_1_1_20170101000000004.png: no face found" in result.output
+    with (out / "explanations.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["face"] for r in rows] == ["0", "1"]                       # ...and both faces of the other explained
+    # The map of a face equals explain's map of its cut-out crop given as an aligned picture.
+    scene = np.asarray(Image.open(photos / "20_0_1_20170101000000003.png").convert("RGB"))
+    faces = detector.locate(scene)
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    Image.fromarray(align_face(scene, faces[0]).crop).save(crops / "largest.png")
+    result = run(explain_main, [crops, "-c", mnv2_head, "--weights", weights, "--save-npy", "--device", "cpu",
+                                "-o", tmp_path / "crop_cams"])
+    assert result.exit_code == 0, result.output
+    face_map = np.load(out / rows[0]["npy"])
+    crop_map = np.load(next((tmp_path / "crop_cams").glob("largest_*.npy")))
+    assert face_map.shape == (CROP_SIZE, CROP_SIZE) and face_map.max() > 0
+    np.testing.assert_allclose(face_map, crop_map, rtol=1e-4, atol=1e-5 * face_map.max())
+    # Pasted back: the photo overlay changes the picture only inside that face's crop square.
+    photo_overlay = np.asarray(Image.open(out / rows[0]["photo_overlay"]).convert("RGB")).astype(int)
+    band = photo_overlay.shape[0] - scene.shape[0]
+    assert band == title_band_height(scene.shape[1], 2) or band == title_band_height(scene.shape[1], 3)
+    changed = np.abs(photo_overlay[band:] - scene).sum(-1) > 30
+    aligned = align_face(scene, faces[0])
+    _, inside = paste_back(scene, np.zeros((CROP_SIZE, CROP_SIZE), np.float32), aligned.to_picture)
+    box = faces[0].box.round().astype(int)
+    outside_box = np.ones_like(inside)
+    outside_box[box[1] - 4:box[3] + 5, box[0] - 4:box[0] + 5] = False   # the drawn box and its label may
+    outside_box[box[1] - 4:box[3] + 5, box[2] - 4:box[2] + 5] = False   # lie outside the crop square
+    outside_box[max(box[1] - 60, 0):box[1] + 5, box[0] - 4:box[2] + 5] = False
+    outside_box[:10] = False   # the title's descenders reach into the picture's first rows
+    outside_box[box[3] - 4:box[3] + 5, box[0] - 4:box[2] + 5] = False
+    assert not changed[~inside & outside_box].any()
+    assert changed[inside].mean() > 0.2
