@@ -20,21 +20,23 @@ from .dataset import IMAGE_SUFFIXES, collect_images
 from .device import resolve_device
 from .full_model import FullModel, load_full_models
 from .heads import HeadCheckpoint, load_checkpoint
+from .image_checks import DEFAULT_MAX_PIXELS, ImageProblem
+from .labels import display_path
 from .overlays import GridCell, overlay_rgb, resize_map, save_grid, save_overlay, save_titled
 
 
-def read_pictures(paths: Sequence[Path]) -> tuple[list[int], list[np.ndarray], list[tuple[str, str]]]:
+def read_pictures(paths: Sequence[Path], max_pixels: int | None = DEFAULT_MAX_PIXELS
+                  ) -> tuple[list[int], list[np.ndarray], list[tuple[str, str]]]:
     """(positions that loaded, HxWx3 uint8 pictures, (path, reason) failures), with featurize's file checks."""
-    from .decode import encoded_problem, load_rgb
+    from .decode import load_rgb
 
     kept, pictures, failures = [], [], []
     for position, path in enumerate(paths):
         try:
-            problem = encoded_problem(np.fromfile(path, dtype=np.uint8))
-            if problem:
-                raise ValueError(problem)
-            pictures.append(load_rgb(path))
+            pictures.append(load_rgb(path, max_pixels))  # image_checks first: never blocks, never decodes a bomb
             kept.append(position)
+        except ImageProblem as err:
+            failures.append((str(path), f"cannot read image: {err.reason}"))
         except Exception as err:  # one bad file must not stop the others
             failures.append((str(path), f"cannot read image: {err}"))
     return kept, pictures, failures
@@ -120,6 +122,7 @@ class ExplainConfig:
     grid_rows: int = 20
     precision: str = "auto"  # device.compute_precision, as featurize and predict
     faces: str = "aligned"   # aligned: each picture is a face crop; detect: explain every face found (MTCNN)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger pictures are skipped with a reason (image_checks.py)
 
 
 @dataclass
@@ -132,14 +135,15 @@ class Item:
     aligned: object = None           # faces.AlignedFace: its box and crop->photo map
 
 
-def read_items(paths: Sequence[Path], face_mode) -> tuple[list[Item], list[tuple[str, str]]]:
+def read_items(paths: Sequence[Path], face_mode, max_pixels: int | None = DEFAULT_MAX_PIXELS
+               ) -> tuple[list[Item], list[tuple[str, str]]]:
     """The pictures (face_mode None) or every face of every photo, and (path, reason) for the rest."""
     if face_mode is None:
-        kept, pictures, bad = read_pictures(paths)
+        kept, pictures, bad = read_pictures(paths, max_pixels)
         return [Item(paths[position], rgb) for position, rgb in zip(kept, pictures)], bad
     from .face_crops import read_faces
 
-    found, bad = read_faces([str(p) for p in paths], face_mode)
+    found, bad = read_faces([str(p) for p in paths], face_mode, max_pixels)
     return [Item(Path(picture.path), aligned.crop, k, picture.rgb, aligned)
             for picture in found for k, aligned in enumerate(picture.faces)], bad
 
@@ -194,7 +198,7 @@ def explain_images(config: ExplainConfig, log: Callable[[str], None] = print,
         raise CamError(f"unknown method {config.method!r}; choose from {', '.join(METHODS)}")
     paths, failures = collect_images(config.inputs)
     for path, reason in failures:
-        warn(f"error: {path}: {reason}")
+        warn(f"error: {display_path(str(path))}: {reason}")
     if not paths:
         raise CamError("no images to explain")
     models, ckpts, target = load_models(config.checkpoints, config.weights, device, config.target)
@@ -214,9 +218,9 @@ def explain_images(config: ExplainConfig, log: Callable[[str], None] = print,
     explained = 0
     for start in range(0, len(paths), config.batch_size):
         batch_paths = paths[start:start + config.batch_size]
-        items, bad = read_items(batch_paths, face_mode)
+        items, bad = read_items(batch_paths, face_mode, config.max_pixels)
         for path, reason in bad:
-            warn(f"error: {path}: {reason}")
+            warn(f"error: {display_path(str(path))}: {reason}")
         failures += bad
         if not items:
             continue
@@ -246,7 +250,7 @@ def explain_images(config: ExplainConfig, log: Callable[[str], None] = print,
                     npy = out / f"{stem}.npy"
                     np.save(npy, cam.astype(np.float32))
                     files.append(npy)
-                index_rows.append({"image": str(path), "model": column.label, "backbone": column.backbone,
+                index_rows.append({"image": display_path(str(path)), "model": column.label, "backbone": column.backbone,
                                    "predicted": class_names[pred], "probability": f"{probs[pred]:.4f}",
                                    "target": class_names[tgt], "target_probability": f"{probs[tgt]:.4f}",
                                    "overlay": png.name, "npy": Path(npy).name if npy else ""})
@@ -268,7 +272,7 @@ def explain_images(config: ExplainConfig, log: Callable[[str], None] = print,
 
     if index_rows:
         index_path = out / "explanations.csv"
-        with open(index_path, "w", newline="") as handle:
+        with open(index_path, "w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(index_rows[0]))
             writer.writeheader()
             writer.writerows(index_rows)

@@ -27,6 +27,7 @@ import torch
 from .constants import IMAGE_SIZE
 from .decode import DecodedBatch, read_checked, resize_normalize, with_mirror
 from .faces import FaceHint, FaceMode, align_face, choose_face
+from .image_checks import DEFAULT_MAX_PIXELS
 
 NO_FACE = "no face found"
 NO_GIVEN_FACE = "no face box or eye points given in the labels"
@@ -131,9 +132,10 @@ class PictureFaces:
     faces: list                     # [faces.AlignedFace], largest first
 
 
-def read_faces(paths: Sequence[str | Path], mode: FaceMode) -> tuple[list[PictureFaces], list[tuple[str, str]]]:
+def read_faces(paths: Sequence[str | Path], mode: FaceMode, max_pixels: int | None = DEFAULT_MAX_PIXELS
+               ) -> tuple[list[PictureFaces], list[tuple[str, str]]]:
     """(pictures with at least one face, [(path, reason)] for the others: unreadable, or no face found)."""
-    positions, encoded, reasons = read_checked(paths)
+    positions, encoded, reasons = read_checked(paths, max_pixels)
     found = []
     for position, data in zip(positions, encoded):
         rgb = decode_rgb(data)

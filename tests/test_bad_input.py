@@ -541,3 +541,52 @@ def test_8_really_full_disk_while_assembling_exits_1_without_a_crash(tiny_disk, 
     assert "Traceback" not in done.stderr
     assert not out.exists() and not list(tiny_disk.glob("*.tmp")) and not list(tiny_disk.glob("*/*.tmp"))
     assert (tiny_disk / "f.h5.parts").is_dir()   # the finished batches are kept for the rerun
+
+
+def test_14_16_predict_and_explain_skip_fifos_and_pictures_above_max_pixels(real_head, tmp_path):
+    """A FIFO among the inputs is skipped unread (never blocks), and --max-pixels reaches both commands."""
+    from pipeline.cli.explain import main as explain_main
+    from pipeline.cli.predict import main as predict_main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_jpeg(folder / "a.jpg", asymmetric_rgb())          # 120 x 90 pixels
+    os.mkfifo(folder / "pipe.jpg")                           # nobody writes to it
+    head = ["--weights", real_head["weights"], "--device", "cpu"]
+
+    result = invoke(predict_main, folder, "--checkpoint", real_head["head"], *head, "--decoder", "torch", "--quiet")
+    assert result.exit_code == SKIPPED, result.output
+    assert "pipe.jpg" in result.output and "FIFO" in result.output
+    limited = invoke(predict_main, folder / "a.jpg", "--checkpoint", real_head["head"], *head, "--decoder", "torch",
+                     "--max-pixels", "1000")
+    assert limited.exit_code == FAILED and "megapixels" in limited.output   # the only picture is above the limit
+
+    explained = invoke(explain_main, folder / "a.jpg", "-c", real_head["head"], *head, "-o", tmp_path / "cam",
+                       "--max-pixels", "1000")
+    assert explained.exit_code != OK and "a.jpg" in explained.output and "megapixels" in explained.output
+    assert invoke(explain_main, folder / "a.jpg", "-c", real_head["head"], *head, "-o", tmp_path / "cam2",
+                  "--max-pixels", "none").exit_code == OK
+
+
+def test_6_predict_and_explain_outputs_keep_a_row_for_a_name_that_is_not_utf8(real_head, tmp_path):
+    """The CSVs hold every row, the odd name written with escapes, instead of stopping at it."""
+    from pipeline.cli.explain import main as explain_main
+    from pipeline.cli.predict import main as predict_main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_jpeg(folder / "a.jpg", asymmetric_rgb())
+    odd = os.fsdecode(bytes(folder) + b"/caf\xe9.jpg")             # Latin-1 bytes: not valid UTF-8
+    write_jpeg(Path(odd), asymmetric_rgb(100, 80))
+    head = ["--weights", real_head["weights"], "--device", "cpu"]
+
+    result = invoke(predict_main, folder, "--checkpoint", real_head["head"], *head, "--decoder", "torch",
+                    "-o", tmp_path / "p.csv")
+    assert result.exit_code == OK, result.output
+    rows = (tmp_path / "p.csv").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 3 and any("caf\\xe9.jpg" in row for row in rows)
+
+    explained = invoke(explain_main, folder, "-c", real_head["head"], *head, "-o", tmp_path / "cam")
+    assert explained.exit_code == OK, explained.output
+    index = (tmp_path / "cam" / "explanations.csv").read_text(encoding="utf-8").splitlines()
+    assert len(index) == 3 and any("caf\\xe9.jpg" in row for row in index)

@@ -12,7 +12,7 @@ import click
 
 from ..cam import METHODS
 from .exit_codes import finish
-from .options import parse_weight_pairs
+from .options import max_pixels_option, parse_weight_pairs
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,8 +51,9 @@ from .options import parse_weight_pairs
 @click.option("--precision", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
               show_default=True, help="Backbone compute precision, as featurize --precision (auto: float16 autocast "
                                       "on CUDA, float32 on the CPU).")
+@max_pixels_option
 def main(inputs, checkpoints, out, target, method, save_npy, batch_size, device, weights, grid_rows, report,
-         features, data_dir, split, limit, seed, steps, faces, precision):
+         features, data_dir, split, limit, seed, steps, faces, precision, max_pixels):
     """Grad-CAM heatmaps of IMAGES_OR_FOLDER for each head checkpoint, on the full model.
 
     The model is rebuilt from each checkpoint: the same frozen backbone, weights
@@ -102,7 +103,7 @@ def main(inputs, checkpoints, out, target, method, save_npy, batch_size, device,
         summary = explain_images(ExplainConfig(
             inputs=list(inputs), checkpoints=list(checkpoints), out_dir=out, target=target, method=method,
             save_npy=save_npy, batch_size=batch_size, device=device, weights=weights_map, grid_rows=grid_rows,
-            faces=faces, precision=precision),
+            faces=faces, precision=precision, max_pixels=max_pixels),
             log=click.echo, warn=warn)
     except (CamError, RebuildError, HeadMismatch, CheckpointError, WeightsUnavailable, FileNotFoundError, ValueError,
             OSError) as err:

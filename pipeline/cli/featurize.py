@@ -19,11 +19,10 @@ from ..backbones import DEFAULT_BACKBONES, DEFAULT_WEIGHTS, WeightsUnavailable, 
 from ..engines import EngineUnavailable
 from ..dataset import parse_edges
 from ..descriptors import parse_descriptors
-from ..image_checks import DEFAULT_MAX_PIXELS
 from ..store import SettingsMismatch
 from .label_options import label_source_options
 from .exit_codes import finish, output_error, require_writable
-from .options import parse_weight_pairs
+from .options import max_pixels_option, parse_weight_pairs
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "sample" / "utkface"
 
@@ -100,9 +99,7 @@ def _parse_weights(text: str, backbones: tuple[str, ...]) -> dict[str, str | Non
               help="aligned: each picture is an aligned face crop, used whole (UTKFace). detect: find faces (MTCNN), "
                    "use the largest, cut it out in UTKFace's framing. box: cut out the face the labels' box/eye "
                    "columns give.")
-@click.option("--max-pixels", default=str(DEFAULT_MAX_PIXELS), show_default=True,
-              help="Skip (with a reason) images with more pixels than this, read from the header before decoding; "
-                   "0 or 'none': no limit.")
+@max_pixels_option
 @label_source_options
 def run_command(data_dir, data_opt, out, backbones, weights, batch_size, device, decoder, dtype, bins, seed,
                 split_file, limit, shard, descriptors, quiet, label_source, precision, allow_mixed, verify_rows,
@@ -122,7 +119,6 @@ def run_command(data_dir, data_opt, out, backbones, weights, batch_size, device,
         edges = parse_edges(bins)
         shard_spec = extract.parse_shard(shard) if shard else (extract.shard_from_env() or (0, 1))
         descriptor_names = parse_descriptors(descriptors)
-        pixel_limit = parse_max_pixels(max_pixels)
     except ValueError as err:
         raise click.BadParameter(str(err)) from err
     config = extract.FeaturizeConfig(
@@ -130,7 +126,7 @@ def run_command(data_dir, data_opt, out, backbones, weights, batch_size, device,
         batch_size=batch_size, device=device, decoder=decoder, dtype=dtype, group_edges=edges,
         seed=seed, split_file=split_file, limit=limit, shard=shard_spec, descriptors=descriptor_names,
         labels=label_source, precision=precision, allow_mixed=allow_mixed, faces=faces, engine=engine,
-        max_pixels=pixel_limit,
+        max_pixels=max_pixels,
     )
     require_writable(extract.shard_path(out, shard_spec))  # a read-only folder: one line, before any work
     try:
@@ -150,18 +146,6 @@ def run_command(data_dir, data_opt, out, backbones, weights, batch_size, device,
     _exit_for(summary)
 
 
-def parse_max_pixels(text: str) -> int | None:
-    """--max-pixels: a whole number of pixels; 0 or 'none' turns the limit off (None)."""
-    text = str(text).strip().lower()
-    if text in ("0", "none"):
-        return None
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise ValueError(f"--max-pixels must be a whole number of pixels, 0 or 'none', got {text!r}") from None
-    if value < 0:
-        raise ValueError(f"--max-pixels must not be negative, got {value}")
-    return value
 
 
 def _exit_for(summary: dict) -> None:

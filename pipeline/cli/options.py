@@ -4,6 +4,37 @@ from __future__ import annotations
 
 import click
 
+from ..image_checks import DEFAULT_MAX_PIXELS
+
+
+def parse_max_pixels(text: str) -> int | None:
+    """--max-pixels: a whole number of pixels; 0 or 'none' turns the limit off (None)."""
+    text = str(text).strip().lower()
+    if text in ("0", "none"):
+        return None
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise ValueError(f"--max-pixels must be a whole number of pixels, 0 or 'none', got {text!r}") from None
+    if value < 0:
+        raise ValueError(f"--max-pixels must not be negative, got {value}")
+    return value
+
+
+def _max_pixels_callback(ctx, param, value):
+    try:
+        return parse_max_pixels(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from err
+
+
+def max_pixels_option(command):
+    """--max-pixels: images above it are skipped with a reason before decoding (image_checks.py)."""
+    return click.option(
+        "--max-pixels", default=str(DEFAULT_MAX_PIXELS), show_default=True, callback=_max_pixels_callback,
+        help="Skip (with a reason) images with more pixels than this, read from the header before decoding; "
+             "0 or 'none': no limit.")(command)
+
 
 def parse_weight_pairs(texts: str | tuple[str, ...] | None, backbones: list[str] | None = None) -> dict[str, str]:
     """'resnet50=/models/r50.pth,mobilenet_v2=IMAGENET1K_V1' (one string, or several) -> {name: value}.

@@ -23,8 +23,10 @@ from ..backbones import WeightsUnavailable
 from ..dataset import collect_images
 from ..device import compute_precision
 from ..heads import assemble_features
+from ..labels import display_path
+from ..image_checks import DEFAULT_MAX_PIXELS
 from .exit_codes import finish, output_error, require_writable
-from .options import parse_weight_pairs
+from .options import max_pixels_option, parse_weight_pairs
 
 
 @dataclass
@@ -124,14 +126,14 @@ def predict_files(predictor: Predictor, files: list[Path], decoder, batch_size: 
 
 
 def predict_faces(predictor: Predictor, files: list[Path], mode, batch_size: int, tta: bool = False,
-                  annotated_dir: Path | None = None) -> tuple[list[Prediction], list[tuple[str, str]], list[Path]]:
+                  annotated_dir: Path | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[list[Prediction], list[tuple[str, str]], list[Path]]:
     """Every face of every picture: (one prediction per face, [(file, reason)] for pictures that failed or hold
     no face, annotated copies written). Faces are cut out as featurize --faces detect does (face_crops.py)."""
     from ..face_crops import crops_to_views, read_faces
 
     predictions, failures, annotated = [], [], []
     for lo in range(0, len(files), batch_size):
-        pictures, bad = read_faces([str(p) for p in files[lo:lo + batch_size]], mode)
+        pictures, bad = read_faces([str(p) for p in files[lo:lo + batch_size]], mode, max_pixels)
         failures += bad
         faces = [(picture, k, aligned) for picture in pictures for k, aligned in enumerate(picture.faces)]
         found = []
@@ -174,13 +176,13 @@ def write_csv(predictions: list[Prediction], class_names: list[str], path: Path)
     with_faces = any(p.face is not None for p in predictions)
     face_columns = ["face", "x0", "y0", "x1", "y1", "score"] if with_faces else []
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
+    with path.open("w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
         writer = csv.writer(handle)
         writer.writerow(["file"] + face_columns + ["group"] + [f"p_{n}" for n in class_names]
                         + (["age"] if with_age else []))
         for p in predictions:
             faces = ([p.face] + [f"{v:.1f}" for v in p.box] + [f"{p.score:.4f}"]) if with_faces else []
-            row = [p.file] + faces + [class_names[int(p.probs.argmax())]] + [f"{v:.6f}" for v in p.probs]
+            row = [display_path(str(p.file))] + faces + [class_names[int(p.probs.argmax())]] + [f"{v:.6f}" for v in p.probs]
             if with_age:
                 row.append(f"{p.age:.2f}")
             writer.writerow(row)
@@ -190,7 +192,7 @@ def format_table(predictions: list[Prediction], class_names: list[str]) -> str:
     with_age = any(p.age is not None for p in predictions)
     header = ["file", "group"] + class_names + (["age"] if with_age else [])
     # With --faces detect the file column names the face too: photo.jpg#0 is its largest face.
-    rows = [[p.file if p.face is None else f"{p.file}#{p.face}", class_names[int(p.probs.argmax())]]
+    rows = [[display_path(str(p.file)) + ("" if p.face is None else f"#{p.face}"), class_names[int(p.probs.argmax())]]
             + [f"{v:.3f}" for v in p.probs]
             + ([f"{p.age:.1f}"] if with_age else []) for p in predictions]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
@@ -218,6 +220,7 @@ def format_table(predictions: list[Prediction], class_names: list[str]) -> str:
                                       "on CUDA, float32 on the CPU).")
 @click.option("-o", "--out", type=click.Path(path_type=Path, dir_okay=False), help="Write a CSV here.")
 @click.option("--quiet", is_flag=True, help="Do not print the table.")
+@max_pixels_option
 @click.option("--faces", type=click.Choice(["aligned", "detect"]), default="aligned", show_default=True,
               help="aligned: each image is an aligned face crop. detect: find every face in each photo (MTCNN), "
                    "cut each out as featurize --faces detect does, and label each (one row per face).")
@@ -225,7 +228,7 @@ def format_table(predictions: list[Prediction], class_names: list[str]) -> str:
               help="--faces detect: write each photo with its faces' boxes and labels here "
                    "(default: <OUT>_annotated/ next to -o; none without -o).")
 def main(images, checkpoints, weights, tta, batch_size, device, decoder, out, quiet, faces, annotated_dir, engine,
-         precision):
+         precision, max_pixels):
     """Label face IMAGES (files or folders) with an age group, its probabilities and, for age heads, the age."""
     from ..decode import make_decoder
     from ..faces import make_face_mode
@@ -241,8 +244,8 @@ def main(images, checkpoints, weights, tta, batch_size, device, decoder, out, qu
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise click.ClickException(f"cannot load checkpoint {checkpoint}: {err}") from err
     files, problems = collect_images(images)
-    if problems:
-        raise click.ClickException("\n".join(f"{item}: {reason}" for item, reason in problems))
+    if not files:
+        raise click.ClickException("no image to label:\n" + "\n".join(f"  {item}: {reason}" for item, reason in problems))
     if out is not None:
         require_writable(out)  # a read-only folder: one line, before the model is built
     backbones = list(dict.fromkeys(name for ckpt in loaded for name in ckpt.meta["backbones"]))
@@ -250,7 +253,7 @@ def main(images, checkpoints, weights, tta, batch_size, device, decoder, out, qu
         predictor = Predictor(loaded, parse_weight_pairs(weights, backbones), device,
                               labels=[f"checkpoint {c}" for c in checkpoints], engine=engine, precision=precision,
                               probe_files=files[:3], log=lambda line: click.echo(line, err=True))
-        dec = make_decoder(decoder, predictor.device.type, batch_size)
+        dec = make_decoder(decoder, predictor.device.type, batch_size, max_pixels=max_pixels)
         face_mode = None if faces == "aligned" else make_face_mode(faces, predictor.device)
     except RebuildError as err:
         which = f"checkpoint {checkpoints[0]}" if len(checkpoints) == 1 else "the ensemble"
@@ -261,10 +264,13 @@ def main(images, checkpoints, weights, tta, batch_size, device, decoder, out, qu
     annotated = []
     if face_mode is None:
         predictions, failures = predict_files(predictor, files, dec, batch_size, tta)
+        failures = problems + failures
     else:
         if annotated_dir is None and out is not None:
             annotated_dir = out.with_name(f"{out.stem}_annotated")
-        predictions, failures, annotated = predict_faces(predictor, files, face_mode, batch_size, tta, annotated_dir)
+        predictions, failures, annotated = predict_faces(predictor, files, face_mode, batch_size, tta, annotated_dir,
+                                                         max_pixels)
+        failures = problems + failures
     class_names = list(predictor.meta["class_names"])
     if predictions and not quiet:
         click.echo(format_table(predictions, class_names))
@@ -279,7 +285,7 @@ def main(images, checkpoints, weights, tta, batch_size, device, decoder, out, qu
     if failures:
         click.echo(f"could not predict {len(failures)} of {len(files)} images:", err=True)
         for file, reason in failures:
-            click.echo(f"  {file}: {reason}", err=True)
+            click.echo(f"  {display_path(str(file))}: {reason}", err=True)
     if not predictions:
         raise click.ClickException("no image could be read")
     finish(len(failures))  # exit 3: some images were not labelled (listed above)
