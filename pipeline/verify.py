@@ -10,7 +10,7 @@ runs here) and reports the largest difference of the decoded tensors.
 
 Tolerances depend on how the file was computed (provenance.py) and are
 documented in the README ("GPU path: what is verified"). They were set from
-measurements on the CPU twins (`benchmarks/RESULTS.md`, section H2):
+measurements on the CPU twins (`benchmarks/RESULTS.md`, "Decode paths and precisions"):
 ImageNet weights, 32 UTKFace crops, all three backbones.
 """
 
@@ -48,7 +48,7 @@ class Tolerance:
 
 # Keyed by compute precision; then widened for float16 storage and for decoders other than torch-cpu.
 # Measured worst cases against torch-cpu float32 (32 UTKFace crops, ImageNet weights, all three backbones,
-# features and stages; benchmarks/RESULTS.md, H2): float32 with another batch size 0; dali-cpu float32
+# features and stages; benchmarks/RESULTS.md, "Decode paths and precisions"): float32 with another batch size 0; dali-cpu float32
 # cosine > 0.999999, 3.3e-6 relative; float16 autocast (CPU twin) cosine 0.99991, 2.0e-2 relative;
 # bfloat16 autocast cosine 0.9867, 0.23 relative. Each tolerance leaves about 2x room over its measurement.
 _PRECISION_TOLERANCE = {
