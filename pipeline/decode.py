@@ -416,6 +416,8 @@ class TorchDecoder:
         try:
             decoded = run(chosen)
         except Exception:  # noqa: BLE001 - one rejected file fails the whole call: retry the files one by one
+            if torch.cuda.is_available():  # let the failed call's kernels finish before its outputs are reused
+                torch.cuda.synchronize(self.device)
             decoded = []
             for index in chosen:
                 try:
