@@ -235,7 +235,8 @@ def _cli(*args) -> list[str]:
 
 def test_resume_after_kill_9_gives_the_same_features_with_onnxruntime(tmp_path, calibrated_mobilenet, onnx_cache):
     folder = tmp_path / "utk"
-    write_utk_folder(folder, [(7 * i) % 117 for i in range(60)])
+    # 150 batches: ONNX Runtime runs a batch of 2 in a few ms, and the kill must land before the end.
+    write_utk_folder(folder, [(7 * i) % 117 for i in range(300)])
     args = [folder, "--backbones", "mobilenet_v2", "--weights", calibrated_mobilenet, "--quiet",
             "--batch-size", "2", "--decoder", "torch", "--engine", "onnxruntime"]
     straight = tmp_path / "straight.h5"
