@@ -163,8 +163,10 @@ def test_interrupted_run_resumes_to_the_same_file(tmp_path, how, fast):
     args = [folder, *fast, "--batch-size", "2", "--decoder", "torch", "--engine", "torch"]
     out = tmp_path / "resumed.h5"
 
+    # A job started in the background by a non-interactive shell inherits SIGINT ignored; the user's
+    # Ctrl-C is what this test stands for, so the child gets the default handling back.
     proc = subprocess.Popen(_cli(*args, "-o", out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=tmp_path)
+                            cwd=tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for_parts(Path(str(out) + ".parts"), proc)
     proc.send_signal(how)
     output = proc.communicate(timeout=60)[0]
