@@ -12,7 +12,7 @@ import click
 
 from ..cam import METHODS
 from .exit_codes import finish
-from .options import max_pixels_option, parse_weight_pairs
+from .options import max_pixels_option, parse_weight_pairs, precision_option
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,9 +48,7 @@ from .options import max_pixels_option, parse_weight_pairs
               help="aligned: each image is an aligned face crop. detect: find every face in each photo (MTCNN), "
                    "explain its aligned crop (OUT/<image>_face<k>_...png) and paste the map back into the photo "
                    "(..._photo.png).")
-@click.option("--precision", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
-              show_default=True, help="Backbone compute precision, as featurize --precision (auto: float16 autocast "
-                                      "on CUDA, float32 on the CPU).")
+@precision_option
 @max_pixels_option
 def main(inputs, checkpoints, out, target, method, save_npy, batch_size, device, weights, grid_rows, report,
          features, data_dir, split, limit, seed, steps, faces, precision, max_pixels):

@@ -22,7 +22,7 @@ from ..descriptors import parse_descriptors
 from ..store import SettingsMismatch
 from .label_options import label_source_options
 from .exit_codes import finish, output_error, require_writable
-from .options import max_pixels_option, parse_weight_pairs
+from .options import max_pixels_option, parse_weight_pairs, precision_option
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "sample" / "utkface"
 
@@ -81,9 +81,7 @@ def _parse_weights(text: str, backbones: tuple[str, ...]) -> dict[str, str | Non
               help="Extra per-backbone outputs from the same forward pass, comma-separated: gem (GeM p=3 of the "
                    "last block), grid (2x2 + 3x3 cell means of the last block), stage_grid (the same grids of "
                    "the last earlier stage), all, or none.")
-@click.option("--precision", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
-              show_default=True, help="Backbone compute precision (the same setting as predict and explain). "
-                                      "auto: float16 autocast on CUDA, float32 on the CPU.")
+@precision_option
 @click.option("--engine", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
               help="What runs the backbones' forward pass. auto: ONNX Runtime on the CPU when installed and the "
                    "exported graph matches PyTorch (1.5-3.5x faster, same features up to float rounding), "

@@ -56,3 +56,11 @@ def parse_weight_pairs(texts: str | tuple[str, ...] | None, backbones: list[str]
                                          param_hint="--weights")
             weights[name] = value
     return weights
+
+
+def precision_option(command):
+    """--precision: one compute precision for featurize, predict and explain (device.compute_precision)."""
+    return click.option(
+        "--precision", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+        show_default=True, help="Backbone compute precision, the same setting in featurize, predict and explain. "
+                                "auto: float16 autocast on CUDA, float32 on the CPU.")(command)

@@ -26,7 +26,7 @@ from ..heads import assemble_features
 from ..labels import display_path
 from ..image_checks import DEFAULT_MAX_PIXELS
 from .exit_codes import finish, output_error, require_writable
-from .options import max_pixels_option, parse_weight_pairs
+from .options import max_pixels_option, parse_weight_pairs, precision_option
 
 
 @dataclass
@@ -215,9 +215,7 @@ def format_table(predictions: list[Prediction], class_names: list[str]) -> str:
 @click.option("--engine", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
               help="What runs the backbones. auto: ONNX Runtime on the CPU when installed and its exported graph "
                    "matches PyTorch on the first images, else PyTorch (features agree up to float rounding).")
-@click.option("--precision", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
-              show_default=True, help="Backbone compute precision, as featurize --precision (auto: float16 autocast "
-                                      "on CUDA, float32 on the CPU).")
+@precision_option
 @click.option("-o", "--out", type=click.Path(path_type=Path, dir_okay=False), help="Write a CSV here.")
 @click.option("--quiet", is_flag=True, help="Do not print the table.")
 @max_pixels_option
