@@ -11,12 +11,16 @@ Reports:
              (share of the side), side ratio, angle (degrees); and the UTKFace
              framing refitted from the detected landmarks (--fit numbers for faces.py);
   agreement  the group a MobileNetV2 head predicts from the scene (largest face, cut
-             out) against the group it predicts from the original crop (--head);
+             out) against the group it predicts from the original crop (--head, one or
+             more), with the crop used whole (aligned) and/or itself detected and re-cut in
+             our framing (detect), as featurize --faces aligned|detect would see it
+             (--crop-faces); optionally with flip TTA on both sides (--tta);
   speed      featurize images/s and process CPU seconds with --faces detect on the
              scenes against --faces aligned on the same faces' original crops.
 
     TORCH_HOME=../shared/torch python benchmarks/faces.py --head HEAD_DIR --scenes 150
     python benchmarks/faces.py --head HEAD_DIR --exclude train_files.txt   # crops the head never saw
+    python benchmarks/faces.py --head A --head B --crop-faces aligned,detect --tta both --speed-backbones ""
 
 Prints Markdown tables with the machine and commit.
 """
@@ -161,52 +165,90 @@ def detection_and_alignment(scenes: list[Scene]) -> dict:
     }
 
 
-def agreement(head: Path, chosen: dict, weights: dict, sides=(0, 1e9)) -> dict:
-    """Group predicted from the cut-out face vs from the original crop file, for each one-face scene
-    whose pasted side (pixels) lies in [sides[0], sides[1])."""
+def crop_inputs(chosen: dict, crop_modes: tuple[str, ...]) -> dict:
+    """Every picture the agreement numbers need, once for all heads: per one-face scene the crop cut out of
+    the scene, the original crop file as featurize --faces <mode> would see it for each of `crop_modes`
+    (aligned: the file whole; detect: the file's own face found and re-cut in our framing, None when MTCNN
+    finds none), the original mirrored, and the original re-cut 1:1 (pasted unscaled into a bigger
+    picture, detected and aligned: only the framing differs from the original)."""
+    from scenes import background
+
+    from pipeline.decode import load_rgb
+    from pipeline.faces import align_face, choose_face, make_face_mode
+
+    detector = make_face_mode("detect")
+    files, scene_crops, sides = [], [], []
+    for crop_file, crop, side in chosen.values():
+        files.append(crop_file)
+        scene_crops.append(crop)
+        sides.append(side)
+    originals = [load_rgb(f) for f in files]
+    by_mode = {}
+    for mode in crop_modes:
+        if mode == "aligned":
+            by_mode[mode] = originals
+        else:  # the file itself through the face mode, exactly as featurize's face decoder cuts it
+            cut = []
+            for original in originals:
+                faces = detector.locate(original)
+                cut.append(align_face(original, faces[choose_face(faces)]).crop if faces else None)
+            by_mode[mode] = cut
+    recut = []
+    for original in originals:
+        canvas = background(400, 400, 0)
+        canvas[100:300, 100:300] = original
+        faces = detector.locate(canvas)
+        recut.append(align_face(canvas, faces[0]).crop if faces else original)
+    truth_ages = [int(f.name.split("_")[0]) for f in files]
+    return {"files": files, "sides": np.array(sides), "ages": np.array(truth_ages), "scene": scene_crops,
+            "crop": by_mode, "mirror": [o[:, ::-1].copy() for o in originals], "recut": recut}
+
+
+def head_groups(head: Path, inputs: dict, weights: dict, tta: bool) -> dict:
+    """The group one head predicts for every picture of crop_inputs() (-1 where a picture is missing)."""
     import torch
 
     from pipeline.cli.predict import Predictor
-    from pipeline.decode import load_rgb
     from pipeline.face_crops import crops_to_views
 
-    from scenes import background
-
-    from pipeline.faces import align_face, make_face_mode
-
     predictor = Predictor([head], weights, device="cpu")
-    detector = make_face_mode("detect")
-    names = list(predictor.meta["class_names"])
+
+    def groups(crops: list) -> np.ndarray:
+        out = np.full(len(crops), -1)
+        present = [i for i, c in enumerate(crops) if c is not None]
+        for lo in range(0, len(present), 32):
+            part = present[lo:lo + 32]
+            with torch.inference_mode():
+                probs, _ = predictor(crops_to_views([crops[i] for i in part]), tta=tta)
+            out[part] = probs.argmax(1)
+        return out
+
     edges = list(predictor.meta["group_edges"])
-    same, right_scene, right_crop, same_mirror, same_recut = 0, 0, 0, 0, 0
-    items = [(f, crop) for f, crop, side in chosen.values() if sides[0] <= side < sides[1]]
-    for lo in range(0, len(items), 32):
-        batch = items[lo:lo + 32]
-        originals = [load_rgb(f) for f, _ in batch]
-        # References for how steady the head is: the crop mirrored, and the crop re-cut in our framing
-        # (pasted 1:1 into a bigger picture, detected, aligned): only the framing differs from the original.
-        recut = []
-        for original in originals:
-            canvas = background(400, 400, 0)
-            canvas[100:300, 100:300] = original
-            faces = detector.locate(canvas)
-            recut.append(align_face(canvas, faces[0]).crop if faces else original)
-        with torch.inference_mode():
-            scene_probs, _ = predictor(crops_to_views([crop for _, crop in batch]))
-            crop_probs, _ = predictor(crops_to_views(originals))
-            mirror_probs, _ = predictor(crops_to_views([o[:, ::-1].copy() for o in originals]))
-            recut_probs, _ = predictor(crops_to_views(recut))
-        same_mirror += int((mirror_probs.argmax(1) == crop_probs.argmax(1)).sum())
-        same_recut += int((recut_probs.argmax(1) == crop_probs.argmax(1)).sum())
-        for (crop_file, _), p_scene, p_crop in zip(batch, scene_probs, crop_probs):
-            age = int(crop_file.name.split("_")[0])
-            truth = next(i for i, edge in enumerate(edges) if age <= edge)
-            same += int(p_scene.argmax() == p_crop.argmax())
-            right_scene += int(p_scene.argmax() == truth)
-            right_crop += int(p_crop.argmax() == truth)
-    n = max(len(items), 1)
-    return {"n": len(items), "agreement": same / n, "accuracy_scene": right_scene / n, "accuracy_crop": right_crop / n,
-            "mirror": same_mirror / n, "recut": same_recut / n, "groups": names}
+    return {"truth": np.array([next(i for i, edge in enumerate(edges) if age <= edge) for age in inputs["ages"]]),
+            "scene": groups(inputs["scene"]), "crop": {m: groups(c) for m, c in inputs["crop"].items()},
+            "mirror": groups(inputs["mirror"]), "recut": groups(inputs["recut"])}
+
+
+def agreement(predicted: dict, sides: np.ndarray, within=(0, 1e9)) -> dict:
+    """Agreement and accuracy of one head's groups over the one-face scenes whose pasted side lies in `within`."""
+    pick = (sides >= within[0]) & (sides < within[1])
+    scene, truth = predicted["scene"][pick], predicted["truth"][pick]
+
+    def share(a, b):
+        known = (a >= 0) & (b >= 0)
+        return float((a[known] == b[known]).mean()) if known.any() else float("nan")
+
+    result = {"n": int(pick.sum()), "accuracy_scene": share(scene, truth),
+              "mirror": share(predicted["mirror"][pick], predicted["crop"]["aligned"][pick])
+              if "aligned" in predicted["crop"] else float("nan"),
+              "recut": share(predicted["recut"][pick], predicted["crop"]["aligned"][pick])
+              if "aligned" in predicted["crop"] else float("nan")}
+    for mode, crop in predicted["crop"].items():
+        result[f"agreement_{mode}"] = share(scene, crop[pick])
+        result[f"accuracy_crop_{mode}"] = share(crop[pick], truth)
+        result[f"missing_{mode}"] = int((crop[pick] < 0).sum())
+        result[f"recut_vs_{mode}"] = share(predicted["recut"][pick], crop[pick])
+    return result
 
 
 def featurize_speed(scenes: list[Scene], count: int, backbones: tuple[str, ...], folder: Path) -> dict:
@@ -241,7 +283,14 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--exclude", type=Path, help="File names (one a line) not to paste, e.g. the head's data.")
-    parser.add_argument("--head", type=Path, help="MobileNetV2 head checkpoint for the agreement numbers.")
+    parser.add_argument("--head", type=Path, action="append", default=[],
+                        help="MobileNetV2 head checkpoint for the agreement numbers (repeat for several).")
+    parser.add_argument("--crop-faces", default="aligned,detect",
+                        help="Face modes the original crop file goes through before the head, comma-separated: "
+                             "aligned (the file whole), detect (its face found and re-cut, as featurize "
+                             "--faces detect does). Each gets its own agreement column.")
+    parser.add_argument("--tta", choices=("off", "on", "both"), default="off",
+                        help="Flip test-time augmentation (plain and mirror averaged) on both sides.")
     parser.add_argument("--head-weights", default="", help="NAME=FILE for a head made with local weights.")
     parser.add_argument("--speed-images", type=int, default=48, help="Scenes featurized for the speed numbers.")
     parser.add_argument("--speed-backbones", default="mobilenet_v2;mobilenet_v2,resnet50,efficientnet_b0",
@@ -287,20 +336,38 @@ def main() -> None:
         from pipeline.cli.options import parse_weight_pairs
 
         weights = parse_weight_pairs(args.head_weights) if args.head_weights else {}
-        print(f"\n| pasted side (px) | one-face scenes | group agreement scene vs crop | accuracy from scene "
-              f"| accuracy from crop | reference: crop vs its mirror | reference: crop vs crop re-cut 1:1 |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        for label, sides in (("all (60-250)", (0, 1e9)), ("60-100", (0, 100)), ("100-160", (100, 160)),
-                             ("160-250", (160, 1e9))):
-            a = agreement(args.head, d["chosen"], weights, sides)
-            if a["n"]:
-                print(f"| {label} | {a['n']} | {100 * a['agreement']:.1f}% | {100 * a['accuracy_scene']:.1f}% "
-                      f"| {100 * a['accuracy_crop']:.1f}% | {100 * a['mirror']:.1f}% | {100 * a['recut']:.1f}% |")
+        modes = tuple(m.strip() for m in args.crop_faces.split(",") if m.strip())
+        inputs = crop_inputs(d["chosen"], modes)
+        missing = {m: sum(c is None for c in inputs["crop"][m]) for m in modes}
+        print("\nOriginal crops through each --crop-faces mode: " + ", ".join(
+            f"{m}: {len(inputs['files']) - missing[m]}/{len(inputs['files'])} with a face" for m in modes))
+        header = ["head", "TTA", "pasted side (px)", "one-face scenes"]
+        header += [f"agreement scene vs crop ({m})" for m in modes]
+        header += ["accuracy from scene"] + [f"accuracy from crop ({m})" for m in modes]
+        header += ["reference: crop vs its mirror", "reference: crop vs crop re-cut 1:1"]
+        header += [f"reference: crop ({m}) vs re-cut 1:1" for m in modes if m != "aligned"]
+        print("\n| " + " | ".join(header) + " |")
+        print("|---|---|---|" + "---:|" * (len(header) - 3))
+        for head in args.head:
+            for tta in (False, True) if args.tta == "both" else (args.tta == "on",):
+                predicted = head_groups(head, inputs, weights, tta)
+                for label, sides in (("all (60-250)", (0, 1e9)), ("60-100", (0, 100)), ("100-160", (100, 160)),
+                                     ("160-250", (160, 1e9))):
+                    a = agreement(predicted, inputs["sides"], sides)
+                    if not a["n"]:
+                        continue
+                    cells = [head.name, "flip" if tta else "-", label, str(a["n"])]
+                    cells += [f"{100 * a[f'agreement_{m}']:.1f}%" for m in modes]
+                    cells += [f"{100 * a['accuracy_scene']:.1f}%"] + [f"{100 * a[f'accuracy_crop_{m}']:.1f}%"
+                                                                      for m in modes]
+                    cells += [f"{100 * a['mirror']:.1f}%", f"{100 * a['recut']:.1f}%"]
+                    cells += [f"{100 * a[f'recut_vs_{m}']:.1f}%" for m in modes if m != "aligned"]
+                    print("| " + " | ".join(cells) + " |")
 
     sets = [tuple(s.split(",")) for s in args.speed_backbones.split(";") if s.strip()]
     if sets:
-        print(f"\n| backbones | images | aligned crops: img/s | CPU s | detect in scenes: img/s | CPU s "
-              f"| detection adds (CPU) |")
+        print("\n| backbones | images | aligned crops: img/s | CPU s | detect in scenes: img/s | CPU s "
+              "| detection adds (CPU) |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for backbones in sets:
             speed = featurize_speed(scenes, args.speed_images, backbones, work)

@@ -12,10 +12,12 @@ images, to show that its memory does not grow with N.
 
 (a) reports two rates: over the whole run, and over its loop alone, from the first
 forward's start to the last one's end (the later decodes and the saves included),
-without the setup a full-size run pays once: planning, building the models and,
-for ONNX Runtime, opening the cached graphs and checking them against PyTorch on
-3 images, starting the decoder and decoding the first batch, assembling the file. The graphs are exported
-into the cache before any timing, as a first run would have done.
+without the setup a full-size run pays once: planning, building the models (for
+ONNX Runtime: opening the cached graphs), starting the decoder and decoding the
+first batch, assembling the file. The graphs are exported into the cache and
+checked against PyTorch before any timing ("prepare"), as a first run would have
+done, so (a) and (c) time a later run: one that trusts the stored verdict and
+builds no PyTorch model (engine_cache.py).
 
     python benchmarks/featurize.py                          # 128 UTKFace images, CPU, both engines
     python benchmarks/featurize.py --per-backbone --modes a,c --no-double

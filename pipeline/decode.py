@@ -47,8 +47,9 @@ from __future__ import annotations
 import io
 import os
 import re
+import threading
 import warnings
-from collections import defaultdict
+from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,7 @@ BACKENDS = ("auto", "dali", "torch")
 DEVICES = ("auto", "cpu", "cuda")
 
 _DALI_INPUT = "encoded"
+_SPARE_BUFFERS = 2  # DaliDecoder.recycle: one batch being filled while the one before is computed
 
 
 @dataclass
@@ -506,6 +508,39 @@ class DaliDecoder:
             self._streams = None
         self._pipe = build_dali_pipeline(self._batch_size, self._num_threads, self._device_id)
         self._check_pool = ThreadPoolExecutor(num_threads, thread_name_prefix="check")
+        # CPU output buffers handed back by recycle(), and the addresses of the latest ones decode() handed out
+        # (addresses only: a buffer the caller never returns is freed as soon as the caller drops it).
+        self._free_buffers: list[torch.Tensor] = []
+        self._lent_addresses: deque[int] = deque(maxlen=2 * _SPARE_BUFFERS)
+        self._buffers_lock = threading.Lock()
+
+    def recycle(self, views: torch.Tensor) -> None:
+        """Take back a batch's views that nothing reads any more: a later batch is written into the same memory.
+
+        Only for a caller that holds no other reference to `views` or to tensors
+        and arrays made from them without a copy (extract.run calls it once a
+        batch's features are computed). Why: on the CPU, a fresh buffer for 64
+        images (77 MB) is paged in on every batch: copying DALI's output into it
+        cost ~0.58 ms per image against ~0.12 ms into a buffer used before, a
+        third of the CPU decode's whole cost (UTKFace, 2-core CPU).
+        """
+        with self._buffers_lock:
+            if (views.data_ptr() in self._lent_addresses and views.is_contiguous()
+                    and len(self._free_buffers) < _SPARE_BUFFERS):
+                self._lent_addresses.remove(views.data_ptr())
+                self._free_buffers.append(views)
+
+    def _output(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A CPU tensor of `shape` for DALI's batch output: the first rows of a recycled buffer when one fits."""
+        with self._buffers_lock:
+            buffer = next((b for b in self._free_buffers if b.shape[1:] == shape[1:] and len(b) >= shape[0]), None)
+            if buffer is None:
+                out = torch.empty(shape, dtype=torch.float32)
+            else:
+                self._free_buffers.remove(buffer)
+                out = buffer[: shape[0]]
+            self._lent_addresses.append(out.data_ptr())
+            return out
 
     def decode(self, paths: Sequence[str | Path]) -> DecodedBatch:
         positions, encoded, reasons = read_checked(paths, self.max_pixels, self._check_pool)
@@ -526,7 +561,7 @@ class DaliDecoder:
     def _decode_chunk(self, encoded: list[np.ndarray], positions: list[int],
                       reasons: dict[int, str]) -> tuple[torch.Tensor, list[int]]:
         try:
-            return self._run(encoded), positions
+            return self._run(encoded, recyclable=True), positions
         except Exception:  # noqa: BLE001 - DALI raises RuntimeError, but no error type may end the job
             self._ensure_usable()  # some file failed the whole batch: find it below
         views, kept = [], []
@@ -548,13 +583,15 @@ class DaliDecoder:
             self._pipe = build_dali_pipeline(self._batch_size, self._num_threads, self._device_id)
             self.rebuilds += 1
 
-    def _run(self, encoded: list[np.ndarray]) -> torch.Tensor:
+    def _run(self, encoded: list[np.ndarray], recyclable: bool = False) -> torch.Tensor:
+        """The views of `encoded`; recyclable: in a buffer recycle() may take back (CPU; whole batches only)."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         (views,) = self._pipe.run(**{_DALI_INPUT: encoded})
         views = views.as_tensor()
         if self._streams is None:
-            out = torch.empty(views.shape(), dtype=torch.float32)
+            shape = tuple(views.shape())
+            out = self._output(shape) if recyclable else torch.empty(shape, dtype=torch.float32)
             feed_ndarray(views, out)
             return out
         # Copy out of DALI's buffers on our stream, and wait for it here: the next run reuses

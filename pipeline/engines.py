@@ -7,7 +7,9 @@ description of the engine for the feature file's settings.
 
   torch        the PyTorch modules themselves.
   onnxruntime  each backbone exported to ONNX once (onnx_export.py, cached),
-               checked against PyTorch on a few real images before use, and
+               checked against PyTorch on a few real images before its first
+               use (engine_cache.py keeps the verdict, so later runs skip the
+               check and, given PendingBackbones, building PyTorch), and
                run by an ONNX Runtime CPU session. 1.5-3.5x faster than
                PyTorch on our 2-core CPU, same features up to float rounding.
   auto         ONNX Runtime on the CPU when it is installed and every backbone
@@ -26,7 +28,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .onnx_export import INPUT_NAME, OPSET, ExportUnavailable, exported_model
+from . import engine_cache
+from .onnx_export import INPUT_NAME, OPSET, ExportUnavailable, default_cache_dir, exported_model
 
 ENGINES = ("auto", "torch", "onnxruntime")
 PROBE_IMAGES = 3              # real images (x 2 views) the exported graph must match PyTorch on
@@ -160,14 +163,74 @@ def max_difference(reference: dict[str, torch.Tensor], candidate: dict[str, torc
     return found
 
 
+class PendingBackbone:
+    """A PyTorch backbone not built yet: what its graph is looked up by, and how to build it when it is needed.
+
+    select_engine takes these beside built backbones, so that a run whose graphs
+    were checked before never builds PyTorch (engine_cache.py).
+    """
+
+    def __init__(self, name: str, weights_id: str, output_names: Sequence[str], build: Callable[[], torch.nn.Module]):
+        self.name, self.weights_id, self.output_names = name, weights_id, tuple(output_names)
+        self._build, self._model = build, None
+
+    @property
+    def is_built(self) -> bool:
+        return self._model is not None
+
+    def build(self) -> torch.nn.Module:
+        if self._model is None:
+            self._model = self._build()
+        return self._model
+
+
+def built(model):
+    """The PyTorch module itself (a PendingBackbone is built now)."""
+    return model.build() if isinstance(model, PendingBackbone) else model
+
+
+def _identity(model) -> tuple[str, str, list[str]]:
+    """(backbone name, weights id, output names), without building a PendingBackbone."""
+    if isinstance(model, PendingBackbone):
+        return model.name, model.weights_id, list(model.output_names)
+    return model.spec.name, model.weights_id, list(model.output_names)
+
+
+def _remembered_backbone(model, ort, threads: int, cache_dir: Path | None) -> tuple[OnnxBackbone, float] | None:
+    """The graph an earlier run exported and checked for exactly this backbone (engine_cache.py), opened; else None."""
+    name, weights_id, outputs = _identity(model)
+    key = engine_cache.shortcut_key(name, weights_id, outputs, ort.__version__)
+    graph = engine_cache.remembered_graph(key, Path(cache_dir or default_cache_dir())) if key else None
+    if graph is None:
+        return None
+    verdict = engine_cache.recorded_verdict(graph, engine_cache.verdict_key(graph, ort.__version__, VERIFY_TOLERANCE))
+    if verdict is None:
+        return None
+    try:
+        session = make_session(graph, threads)
+    except Exception:  # noqa: BLE001 - whatever is wrong with the file, the full path reports it or exports again
+        return None
+    return OnnxBackbone(session, outputs, graph), float(verdict.get("max_abs_difference", 0.0))
+
+
 @torch.inference_mode()
-def verified_onnx_backbone(model, views: torch.Tensor, threads: int, cache_dir: Path | None, log) -> tuple[OnnxBackbone, float]:
+def verified_onnx_backbone(model, views: torch.Tensor | Callable[[], torch.Tensor], threads: int,
+                           cache_dir: Path | None, log) -> tuple[OnnxBackbone, float, bool]:
     """Export (or reuse) `model`'s graph, open a session, and check it reproduces `model` on `views`.
 
-    Returns (the session's backbone, max abs difference seen). Raises
-    EngineUnavailable when it cannot, naming the backbone and the reason.
+    model: a FrozenBackbone or a PendingBackbone (built only when needed).
+    views: the probe tensor, or a callable that makes it (called only when a
+    check runs). A graph that passed the check before is not checked again:
+    found from the weights' source without building the model when possible,
+    else from the built model's export key (engine_cache.py). Returns (the
+    session's backbone, max abs difference, whether that verdict came from the
+    cache). Raises EngineUnavailable when it cannot, naming the backbone and the reason.
     """
     ort = import_onnxruntime()
+    remembered = _remembered_backbone(model, ort, threads, cache_dir)
+    if remembered is not None:
+        return remembered[0], remembered[1], True
+    model = built(model)
     name = model.spec.name
     try:
         path, _ = exported_model(model, ort.__version__, cache_dir, log)
@@ -178,17 +241,27 @@ def verified_onnx_backbone(model, views: torch.Tensor, threads: int, cache_dir: 
     except Exception as err:  # a corrupt cache file, an op this runtime lacks
         raise EngineUnavailable(f"{name}: ONNX Runtime cannot load {path} ({type(err).__name__}: {err}); "
                                 f"delete it to export again") from err
-    device = next(model.parameters()).device
-    reference = model(views.to(device))
-    differences = max_difference(reference, backbone(views))
-    worst = max(d for d, _ in differences.values())
-    failed = {k: v for k, v in differences.items() if not v[0] <= v[1]}
-    if failed:
-        detail = ", ".join(f"{k} {d:.2g} (allowed {a:.2g})" for k, (d, a) in failed.items())
-        raise EngineUnavailable(f"{name}: the ONNX graph does not reproduce PyTorch on {len(views)} images: max abs "
-                                f"difference {detail}. Not using it; run with --engine torch, or delete {path} "
-                                f"to export again")
-    return backbone, worst
+    key = engine_cache.verdict_key(path, ort.__version__, VERIFY_TOLERANCE)
+    recorded = engine_cache.recorded_verdict(path, key)
+    if recorded is not None:
+        worst, cached = float(recorded.get("max_abs_difference", 0.0)), True
+    else:
+        views = views() if callable(views) else views
+        device = next(model.parameters()).device
+        reference = model(views.to(device))
+        differences = max_difference(reference, backbone(views))
+        worst, cached = max(d for d, _ in differences.values()), False
+        failed = {k: v for k, v in differences.items() if not v[0] <= v[1]}
+        if failed:
+            detail = ", ".join(f"{k} {d:.2g} (allowed {a:.2g})" for k, (d, a) in failed.items())
+            raise EngineUnavailable(f"{name}: the ONNX graph does not reproduce PyTorch on {len(views)} images: max "
+                                    f"abs difference {detail}. Not using it; run with --engine torch, or delete "
+                                    f"{path} to export again")
+        engine_cache.record_verdict(path, key, worst, len(views))
+    shortcut = engine_cache.shortcut_key(name, model.weights_id, list(model.output_names), ort.__version__)
+    if shortcut is not None and engine_cache.remembered_graph(shortcut, path.parent) != path:
+        engine_cache.remember_graph(shortcut, path.parent, path)  # later runs find it without building the model
+    return backbone, worst, cached
 
 
 def select_engine(models: dict[str, torch.nn.Module], engine: str, device: torch.device,
@@ -196,6 +269,9 @@ def select_engine(models: dict[str, torch.nn.Module], engine: str, device: torch
                   cache_dir: Path | None = None, threads: int | None = None,
                   precision: str = "float32") -> tuple[dict, dict]:
     """({backbone name or key: forward callable}, engine description) for these PyTorch backbones.
+
+    models: FrozenBackbones, or PendingBackbones that are built only if their
+    graph was not checked before or the engine ends up being PyTorch.
 
     engine: "auto", "torch" or "onnxruntime". A backbone's PyTorch module is
     replaced by an ONNX Runtime session only when every backbone can be, so all
@@ -207,7 +283,7 @@ def select_engine(models: dict[str, torch.nn.Module], engine: str, device: torch
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if engine == "torch":
-        return dict(models), torch_description()
+        return {key: built(model) for key, model in models.items()}, torch_description()
     device = torch.device(device)
     try:
         if device.type != "cpu":
@@ -216,20 +292,36 @@ def select_engine(models: dict[str, torch.nn.Module], engine: str, device: torch
         if precision != "float32":
             raise EngineUnavailable(f"the ONNX graphs compute in float32, and the precision asked for is {precision}")
         threads = threads or default_threads()
-        views, source = probe_views(probe_files)
-        forwards, worst = {}, 0.0
+        probe = []   # (views, where from), made on first need: a graph with a stored verdict needs none
+
+        def probe_tensor() -> torch.Tensor:
+            if not probe:
+                probe.append(probe_views(probe_files))
+            return probe[0][0]
+
+        forwards, worst, remembered = {}, 0.0, []
         for key, model in models.items():
-            forwards[key], difference = verified_onnx_backbone(model, views, threads, cache_dir, log)
+            forwards[key], difference, cached = verified_onnx_backbone(model, probe_tensor, threads, cache_dir, log)
             worst = max(worst, difference)
+            if cached:
+                remembered.append(_identity(model)[0])
     except EngineUnavailable as err:
         if engine == "onnxruntime":
             raise
         log(f"engine: PyTorch {torch.__version__} (auto: {err})")
-        return dict(models), torch_description()
+        return {key: built(model) for key, model in models.items()}, torch_description()
     ort = import_onnxruntime()
+    checks = ([f"on {probe[0][1]}"] if probe else []) + (
+        [f"in an earlier run ({', '.join(remembered)}: verdict cached beside the graph)"] if remembered else [])
+    unbuilt = all(isinstance(m, PendingBackbone) and not m.is_built for m in models.values())
     log(f"engine: ONNX Runtime {ort.__version__} on the CPU, {threads} threads "
-        f"(checked against PyTorch on {source}: max abs difference {worst:.1e})")
-    return forwards, {"engine": "onnxruntime", "engine_version": ort.__version__, "opset": OPSET, "threads": threads}
+        f"(checked against PyTorch {' and '.join(checks)}: max abs difference {worst:.1e}"
+        f"{'; PyTorch models not built' if unbuilt and models else ''})")
+    return forwards, onnx_description(ort, threads)
+
+
+def onnx_description(ort, threads: int) -> dict:
+    return {"engine": "onnxruntime", "engine_version": ort.__version__, "opset": OPSET, "threads": threads}
 
 
 def planned_engine(engine: str, device: torch.device | str, precision: str = "float32") -> dict:
@@ -249,4 +341,4 @@ def planned_engine(engine: str, device: torch.device | str, precision: str = "fl
         if engine == "onnxruntime":
             raise
         return torch_description()
-    return {"engine": "onnxruntime", "engine_version": ort.__version__, "opset": OPSET, "threads": default_threads()}
+    return onnx_description(ort, default_threads())

@@ -254,18 +254,22 @@ class BackboneRunner:
     def __init__(self, names, weights, device: torch.device, descriptors=(), precision: str = "auto",
                  engine: str = "torch", probe_files=(), log=print):
         """engine: engines.ENGINES; probe_files: a few input images the ONNX graphs are checked on."""
-        from .engines import select_engine
+        from .engines import PendingBackbone, select_engine
 
         self.device = device
         self.precision = resolve_precision(device, precision)  # device.compute_precision: as predict and explain
         self.descriptors = parse_descriptors(descriptors)
-        self.models = {}
-        for name in names:
+
+        def build(name: str) -> torch.nn.Module:
             model = fuse_conv_bn(create_backbone(name, weights.get(name), self.descriptors)).to(device)
-            self.models[name] = model.to(memory_format=torch.channels_last)
+            return model.to(memory_format=torch.channels_last)
+
+        # Built only when needed: graphs exported and checked by an earlier run open without PyTorch (engine_cache.py).
+        pending = {name: PendingBackbone(name, resolve_weights_id(name, weights.get(name)),
+                                         output_widths(get_spec(name), self.descriptors), lambda n=name: build(n))
+                   for name in names}
         # From here on a backbone's forward is its PyTorch module or an ONNX Runtime session exported from it.
-        self.models, self.engine = select_engine(self.models, engine, device, probe_files, log,
-                                                 precision=self.precision)
+        self.models, self.engine = select_engine(pending, engine, device, probe_files, log, precision=self.precision)
 
     def describe(self) -> dict:
         """The engine that computes the features: {"engine", "engine_version"} (+ "opset", "threads" for ONNX Runtime)."""
@@ -339,7 +343,7 @@ def _run_locked(config: FeaturizeConfig, progress=None, log=print) -> dict:
                                 config.engine, probe_files=files[:3], log=log)
         decoder = (make_decoder(config.decoder, device.type, config.batch_size, max_pixels=config.max_pixels)
                    if face_mode is None
-                   else _face_decoder(face_mode, device, files, plan.meta))
+                   else _face_decoder(face_mode, device, files, plan.meta, config.decoder, config.batch_size))
         # Each part records how it was really computed (the engine as the runner reports it, if it can).
         describe = getattr(runner, "describe", None)
         finished = parts.records() if done else []   # as assemble reads them (older parts: the plan's record)
@@ -352,6 +356,7 @@ def _run_locked(config: FeaturizeConfig, progress=None, log=print) -> dict:
             f"backbones: {', '.join(config.backbones)}")
         batches = [(lo, min(lo + config.batch_size, plan.rows)) for lo in range(done, plan.rows, config.batch_size)]
         bar = progress(plan.rows, done) if progress else None
+        recycle = getattr(decoder, "recycle", None)
         # Decode batch k+1 in a thread while the backbones run on batch k.
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(decoder.decode, files[batches[0][0]:batches[0][1]])
@@ -361,6 +366,8 @@ def _run_locked(config: FeaturizeConfig, progress=None, log=print) -> dict:
                     nxt = batches[k + 1]
                     pending = pool.submit(decoder.decode, files[nxt[0]:nxt[1]])
                 arrays = _compute_batch(runner, decoded, lo, files[lo:hi], dtype)
+                if recycle is not None:  # the features are computed: the decoder may reuse the views' memory
+                    recycle(decoded.views)
                 arrays.update(_fallback_arrays(decoded))
                 arrays.update(_face_arrays(decoded))
                 parts.write(lo, hi, arrays)
@@ -419,21 +426,23 @@ def _face_mode(config: FeaturizeConfig, plan: Plan):
 
     if config.faces == "box" and "box" not in plan.meta and "eyes" not in plan.meta:
         raise ValueError("--faces box needs face boxes (x,y,w,h) or eye points in the labels file (--labels)")
-    from .face_crops import decoder_name
+    from .face_crops import decoder_name, resize_path
 
-    mode = make_face_mode(config.faces, resolve_device(config.device))  # MTCNN on the backbones' device
+    device = resolve_device(config.device)
+    mode = make_face_mode(config.faces, device)  # MTCNN on the backbones' device
     plan.settings["faces"] = mode.settings()
     compute = plan.settings.get("compute")
     if isinstance(compute, dict) and "decoder" in compute:  # the face decoder, not the planned DALI/torch one
-        plan.settings["compute"] = {**compute, "decoder": decoder_name(mode.name, resolve_device(config.device))}
+        plan.settings["compute"] = {**compute, "decoder": decoder_name(mode.name, device, resize_path(config.decoder))}
     return mode
 
 
-def _face_decoder(mode, device: torch.device, files: list[str], meta: dict):
-    """Decoding that cuts the face out first (face_crops.py); always the torch resize path."""
-    from .face_crops import FaceCropDecoder, hints_from_meta
+def _face_decoder(mode, device: torch.device, files: list[str], meta: dict, decoder: str = "torch",
+                  batch_size: int = 64):
+    """Decoding that cuts the face out first (face_crops.py), then resizes on --decoder's path (DALI or torch)."""
+    from .face_crops import FaceCropDecoder, hints_from_meta, resize_path
 
-    return FaceCropDecoder(mode, device, hints_from_meta(files, meta))
+    return FaceCropDecoder(mode, device, hints_from_meta(files, meta), resize_path(decoder), batch_size)
 
 
 def _face_arrays(decoded) -> dict[str, np.ndarray]:

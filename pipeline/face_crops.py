@@ -4,11 +4,20 @@
 (decode.read_checked), decodes it to RGB with EXIF orientation applied,
 locates the faces (faces.FaceMode), keeps one per picture (the one nearest a
 given box, else the largest), cuts it out in UTKFace's framing and sends the
-200x200 crops through decode.resize_normalize / with_mirror - the torch
-decoders' own math, so a crop gives the same tensors a UTKFace crop file of
-the same pixels would. Detect mode always resizes on this torch path (also
-when DALI is installed): DALI would need the crops re-encoded first. The
-face record of every kept picture comes back in `FaceBatch.faces`.
+200x200 crops through one of two resize paths (`resize`):
+
+* "torch": decode.resize_normalize / with_mirror - the torch decoders' own
+  math, so a crop gives the same tensors a UTKFace crop file of the same
+  pixels would on the torch path;
+* "dali": dali_pixels.DaliPixels - the DALI file decoder's resize/normalize/
+  mirror graph fed the crops' pixels through an external source (no
+  re-encoding), so a crop gives the tensors the DALI path would.
+
+`resize_path(decoder)` picks one from featurize's --decoder as plain
+featurize does (auto: DALI when installed), and the decoder's name
+(`faces-detect+dali-cpu`, `faces-box+torch-gpu`, ...) records which ran in
+the compute record. The face record of every kept picture comes back in
+`FaceBatch.faces`.
 
 Face detection runs inside decode(), which featurize calls from its
 prefetch thread, so it overlaps the backbones' forward pass on the batch before.
@@ -80,18 +89,41 @@ def decode_rgb(data: np.ndarray) -> np.ndarray | str:
     return image.permute(1, 2, 0).numpy()
 
 
-def decoder_name(mode_name: str, device: torch.device) -> str:
-    return f"faces-{mode_name}+torch-{'gpu' if torch.device(device).type == 'cuda' else 'cpu'}"
+RESIZE_PATHS = ("torch", "dali")
+
+
+def resize_path(decoder: str) -> str:
+    """The resize path for featurize's --decoder auto|dali|torch: DALI when asked for, or for auto when installed."""
+    if decoder == "torch":
+        return "torch"
+    from .decode import dali_available
+
+    if decoder == "dali" or (decoder == "auto" and dali_available()):
+        return "dali"
+    return "torch"
+
+
+def decoder_name(mode_name: str, device: torch.device, resize: str = "torch") -> str:
+    """The face decoder's name in the compute record: the face mode, then the resize path that ran and where."""
+    if resize not in RESIZE_PATHS:
+        raise ValueError(f"unknown resize path {resize!r}; choose one of {', '.join(RESIZE_PATHS)}")
+    return f"faces-{mode_name}+{resize}-{'gpu' if torch.device(device).type == 'cuda' else 'cpu'}"
 
 
 class FaceCropDecoder:
-    """Decode, find the face, align, then resize/normalize on the torch path; see the module docstring."""
+    """Decode, find the face, align, then resize/normalize on the torch or DALI path; see the module docstring."""
 
-    def __init__(self, mode: FaceMode, device: torch.device, hints: dict[str, FaceHint] | None = None):
+    def __init__(self, mode: FaceMode, device: torch.device, hints: dict[str, FaceHint] | None = None,
+                 resize: str = "torch", batch_size: int = 64, num_threads: int = 2):
         self.mode = mode
-        self.device = device
+        self.device = torch.device(device)
         self.hints = hints or {}
-        self.name = decoder_name(mode.name, device)
+        self.name = decoder_name(mode.name, self.device, resize)
+        self.resize = resize
+        if resize == "dali":
+            from .dali_pixels import DaliPixels
+
+            self._dali = DaliPixels(self.device, batch_size, num_threads)
 
     def decode(self, paths: Sequence[str | Path]) -> FaceBatch:
         positions, encoded, reasons = read_checked(paths)
@@ -115,10 +147,14 @@ class FaceCropDecoder:
             columns["faces_found"][row] = len(faces)
             columns["framing"][row] = aligned.framing
             kept.append(position)
-            crops.append(torch.from_numpy(aligned.crop).permute(2, 0, 1).to(self.device))
+            crops.append(aligned.crop)
         columns = {name: values[:len(kept)] for name, values in columns.items()}
-        views = (with_mirror(resize_normalize(crops)) if crops
-                 else torch.empty((0, 2, 3, IMAGE_SIZE, IMAGE_SIZE), device=self.device))
+        if not crops:
+            views = torch.empty((0, 2, 3, IMAGE_SIZE, IMAGE_SIZE), device=self.device)
+        elif self.resize == "dali":
+            views = self._dali(crops)
+        else:
+            views = crops_to_views(crops, self.device)
         failures = [(str(paths[position]), reasons[position]) for position in sorted(reasons)]
         extra = {"fallbacks": []} if "fallbacks" in {f.name for f in dataclasses.fields(DecodedBatch)} else {}
         return FaceBatch(views=views, kept=kept, failures=failures, faces=columns, **extra)

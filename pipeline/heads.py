@@ -30,7 +30,11 @@ Checkpoint: a directory holding two files, neither of them a pickle:
                     fingerprint), rows_fingerprint (hash of the rows and splits
                     used), preprocessing, feature_dim, hidden, config (the
                     training recipe), history (per-epoch train/val loss and
-                    accuracy, plus MAE for age heads), best_epoch, metrics.
+                    accuracy, plus MAE for age heads), best_epoch, metrics,
+                    calibration (post-hoc temperature scaling: method, T, the
+                    validation ECE/NLL before and after; absent = T 1). T also
+                    lives in the weights file (buffer calibration_temperature),
+                    and the two must agree at load.
 `load_checkpoint` takes the directory or either file of the pair.
 
 Features: `load_features` / `load_head_inputs` read [N, 2, D_total] (view 0
@@ -99,6 +103,9 @@ class AgeHead(nn.Module):
         self.mlp = nn.Sequential(*layers)
         self.register_buffer("feature_mean", torch.zeros(self.in_dim))
         self.register_buffer("feature_std", torch.ones(self.in_dim))
+        # Post-hoc temperature scaling (train-head --calibrate temperature): the group scores are divided by it.
+        # 1 = uncalibrated, as every head saved before calibration existed.
+        self.register_buffer("calibration_temperature", torch.ones(()))
         if target == "age":
             # Output is standardized age: years = out * age_scale + age_shift.
             self.register_buffer("age_shift", torch.zeros(()))
@@ -117,6 +124,15 @@ class AgeHead(nn.Module):
         return self.mlp(x)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Group scores [B, C], divided by the calibration temperature: their softmax is the probabilities.
+
+        Dividing by a positive number never changes the argmax, so calibration moves
+        probabilities (and ECE), never the predicted group.
+        """
+        return self.uncalibrated(features) / self.calibration_temperature
+
+    def uncalibrated(self, features: torch.Tensor) -> torch.Tensor:
+        """Group scores before temperature scaling (what --calibrate fits its temperature on)."""
         out = self.raw(features)
         if self.target in ("group", "soft"):
             return out
@@ -330,6 +346,13 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> HeadCheckpoint:
     if bad:
         raise CheckpointError(f"{weights_path}: {bad} holds values that are not finite; this head cannot be used")
     head = AgeHead(meta["feature_dim"], meta["hidden"], 0.0, meta["group_edges"], meta["target"])
+    # Heads saved before temperature scaling existed hold no temperature: they are uncalibrated, T = 1.
+    state.setdefault("calibration_temperature", torch.ones(()))
+    stored_t, described_t = float(state["calibration_temperature"]), calibration_temperature(meta)
+    if described_t is None or not math.isclose(stored_t, described_t, rel_tol=1e-6):
+        raise CheckpointError(f"{meta_path} was edited after training and no longer describes its weights:\n  "
+                              f"calibration temperature: {WEIGHTS_FILE} holds {stored_t!r}, {META_FILE} says "
+                              f"{described_t!r}")
     try:
         head.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -338,6 +361,20 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> HeadCheckpoint:
     for p in head.parameters():
         p.requires_grad_(False)
     return HeadCheckpoint(head, meta)
+
+
+def calibration_temperature(meta: dict) -> float | None:
+    """The temperature head.json records (meta["calibration"]["temperature"]); 1 when it records no calibration.
+
+    None when the record is there but not a positive number (a damaged or edited file).
+    """
+    calibration = meta.get("calibration")
+    if calibration is None:
+        return 1.0
+    value = calibration.get("temperature") if isinstance(calibration, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 # What a head's weights mean: checked between head.json and head.safetensors at load.
@@ -406,6 +443,36 @@ def load_head_inputs(feature_file, meta: dict) -> torch.Tensor:
     return torch.from_numpy(features)
 
 
+STATS_CHUNK_BYTES = 64 * 2**20   # float64 working set of chunked_mean_std
+
+
+def chunked_mean_std(rows: torch.Tensor, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column mean and std (n - 1, as torch.std) of [n, D] rows, in float64, `chunk` rows at a time.
+
+    Only one chunk at a time is converted to float64: a float64 copy of all the
+    training rows of a 35,000-wide descriptor would take 9.5 GB beside the
+    features. chunk=None: as many rows as fit in STATS_CHUNK_BYTES (4096 rows of
+    a 2,000-wide feature, ~230 of a 35,000-wide one). Two passes (the mean, then
+    squared deviations from it), as accurate as the one-shot float64
+    computation: no sum-of-squares cancellation.
+    """
+    n, width = rows.shape
+    if n == 0:
+        raise ValueError("no rows to compute standardization statistics from")
+    chunk = chunk or max(1, min(4096, STATS_CHUNK_BYTES // (8 * max(width, 1))))
+    total = torch.zeros(width, dtype=torch.float64, device=rows.device)
+    for lo in range(0, n, chunk):
+        total += rows[lo:lo + chunk].double().sum(0)
+    mean = total / n
+    squares = torch.zeros_like(total)
+    for lo in range(0, n, chunk):
+        deviation = rows[lo:lo + chunk].double()
+        deviation -= mean                       # in place: one float64 chunk alive at a time
+        squares += deviation.square_().sum(0)
+    std = (squares / (n - 1)).sqrt() if n > 1 else torch.full_like(mean, float("nan"))  # torch.std of 1 row: NaN
+    return mean, std
+
+
 @dataclass
 class HeadData:
     """Training and validation features in memory once (float32, on one device).
@@ -458,8 +525,7 @@ class HeadData:
     def standardization(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std per feature over the training rows, both views."""
         if "stats" not in self._standardized:
-            flat = self.train.reshape(-1, self.dim).double()
-            mean, std = flat.mean(0), flat.std(0)
+            mean, std = chunked_mean_std(self.train.reshape(-1, self.dim))
             std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant features pass through
             self._standardized["stats"] = (mean.float(), std.float())
         return self._standardized["stats"]

@@ -167,6 +167,29 @@ def head_outputs(checkpoint, inputs, batch_size: int = 8192) -> tuple[np.ndarray
     return prob, age
 
 
+def calibration_summary(head, features, groups, batch_size: int = 8192) -> dict:
+    """ECE and NLL of a head's probabilities on [N, D] raw features, before and after its temperature scaling.
+
+    For train-head's summary: the validation split, on which the temperature was fitted.
+    """
+    import torch
+
+    before, after = [], []
+    head = head.eval()
+    with torch.no_grad():
+        for lo in range(0, len(features), batch_size):
+            chunk = features[lo:lo + batch_size].float().cpu()
+            before.append(head.uncalibrated(chunk).double())
+            after.append(head(chunk).double())
+    groups = torch.as_tensor(groups).long().cpu()
+    summary = {"temperature": float(head.calibration_temperature)}
+    for name, scores in (("before", torch.cat(before)), ("after", torch.cat(after))):
+        logp = torch.log_softmax(scores, dim=1)
+        summary[f"val_ece_{name}"] = expected_calibration_error(groups.numpy(), logp.exp().numpy())
+        summary[f"val_nll_{name}"] = float(-logp.gather(1, groups.view(-1, 1)).mean())
+    return summary
+
+
 class FeatureInputs:
     """Head inputs from one feature file, shared by the checkpoints of one run.
 
@@ -315,6 +338,8 @@ class Evaluation:
 
     def summary(self) -> dict:
         """The JSON-ready record of this evaluation."""
+        from .heads import calibration_temperature
+
         m = self.meta
         return {
             "checkpoint": self.checkpoint_path,
@@ -326,6 +351,8 @@ class Evaluation:
             "group_edges": list(m["group_edges"]),
             "best_epoch": m.get("best_epoch"),
             **({"members": list(m["members"])} if "members" in m else {}),
+            # The probabilities below are softmax(scores / T); an ensemble's members each use their own T.
+            "calibration_temperature": None if "members" in m else calibration_temperature(m),
             "split": self.split,
             "tta": self.tta,
             "features": self.features,

@@ -22,9 +22,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import importlib
+import importlib.metadata
 import io
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -52,17 +55,42 @@ def default_cache_dir() -> Path:
     return base / "frozen-age" / "onnx"
 
 
+EXPORTER_PACKAGES = ("onnx", "onnxscript")
+
+
+def _exporter_missing(err: Exception) -> ExportUnavailable:
+    return ExportUnavailable(f"exporting to ONNX needs the onnx and onnxscript packages ({err}); "
+                             f"pip install onnx onnxscript (needed for export only; running a graph needs onnxruntime)")
+
+
 def exporter_versions() -> dict[str, str]:
-    """Versions of the libraries that shape the exported file; raises ExportUnavailable when one is missing."""
+    """Versions of the libraries that shape the exported file; raises ExportUnavailable when one is missing.
+
+    Read from the installed packages' metadata, without importing them: importing
+    onnx and onnxscript took 1-2 s of every run's setup, and a cached graph needs
+    neither (`require_exporter` imports them when a graph is really exported).
+    """
     found = {"torch": torch.__version__}
-    for module in ("onnx", "onnxscript"):
+    for module in EXPORTER_PACKAGES:
+        if module in sys.modules and sys.modules[module] is None:  # import blocked (Python's convention)
+            raise _exporter_missing(ImportError(f"import of {module} is blocked"))
         try:
-            found[module] = __import__(module).__version__
-        except ImportError as err:
-            raise ExportUnavailable(
-                f"exporting to ONNX needs the onnx and onnxscript packages ({err}); "
-                f"pip install onnx onnxscript (needed for export only; running a graph needs onnxruntime)") from err
+            found[module] = importlib.metadata.version(module)
+        except importlib.metadata.PackageNotFoundError:
+            try:  # installed without metadata (a source checkout on the path): ask the module itself
+                found[module] = importlib.import_module(module).__version__
+            except ImportError as err:
+                raise _exporter_missing(err) from err
     return found
+
+
+def require_exporter() -> None:
+    """Import the exporter's packages, or raise ExportUnavailable saying what to install."""
+    for module in EXPORTER_PACKAGES:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise _exporter_missing(err) from err
 
 
 def folded(backbone: FrozenBackbone) -> FrozenBackbone:
@@ -117,6 +145,7 @@ def exported_model(backbone: FrozenBackbone, runtime_version: str, cache_dir: Pa
     path = cached_path(key, cache_dir)
     if path.is_file():
         return path, False
+    require_exporter()
     log(f"exporting {key['backbone']} to ONNX (once; cached in {cache_dir}) ...")
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +170,8 @@ def exported_model(backbone: FrozenBackbone, runtime_version: str, cache_dir: Pa
 def _cached_without_exporter(model: FrozenBackbone, runtime_version: str, digest: str, cache_dir: Path) -> Path | None:
     """A cached graph whose key matches in all but the exporter packages' versions (they are not installed)."""
     for sidecar in sorted(Path(cache_dir).glob(f"{model.spec.name}-*.json")):
+        if sidecar.suffixes != [".json"]:  # engine_cache's verdicts and shortcuts (.checked.json, .source.json)
+            continue
         try:
             key = json.loads(sidecar.read_text())
         except (OSError, ValueError):

@@ -33,9 +33,11 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
+from .calibration import METHODS
+from .calibration import fit_temperature as fit_calibration_temperature
 from .constants import PAPER_HEAD, group_names
-from .heads import (TARGETS, AgeHead, HeadData, age_thresholds, ordinal_group_probs, ordinal_scores, output_width,
-                    soft_group_targets)
+from .heads import (TARGETS, AgeHead, HeadData, age_thresholds, ordinal_group_probs, ordinal_log_probs,
+                    ordinal_scores, output_width, soft_group_targets)
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -124,6 +126,8 @@ class HeadResult:
     seconds: float = 0.0
     keep: str = "best"
     diverged: str | None = None   # why training stopped making sense (non-finite loss or weights), else None
+    calibration: str = "off"              # or "temperature": post-hoc scaling fitted on validation
+    calibration_temperature: float = 1.0  # the group scores are divided by it (1 = uncalibrated)
 
     def to_head(self, group_edges) -> AgeHead:
         cfg = self.config
@@ -135,6 +139,7 @@ class HeadResult:
                 linear.bias.copy_(b)
             head.feature_mean.copy_(self.feature_mean)
             head.feature_std.copy_(self.feature_std)
+            head.calibration_temperature.fill_(self.calibration_temperature)
             if cfg.target == "age":
                 head.age_shift.fill_(self.age_shift)
                 head.age_scale.fill_(self.age_scale)
@@ -269,7 +274,7 @@ def choose_threads(dim: int, hidden: int = 512, candidates=None) -> int:
 
 
 def train_heads(data: HeadData, configs: list[HeadConfig], max_stack: int = 16, keep: str = "best",
-                threads: int | str | None = None, progress=None) -> list[HeadResult]:
+                threads: int | str | None = None, progress=None, calibrate: str = "off") -> list[HeadResult]:
     """Train every configuration; returns results in the order given.
 
     keep: "best" (the paper's: the epoch with the best validation accuracy,
@@ -280,13 +285,20 @@ def train_heads(data: HeadData, configs: list[HeadConfig], max_stack: int = 16, 
     Configurations with the same shape_key are trained together, up to
     max_stack at a time (memory: about 5 copies of the weights per stacked head).
     progress(done, total) is called after each stack.
+    calibrate: "off" or "temperature": after the kept epoch is chosen, fit each
+    head's temperature on the validation split (calibration.py).
     """
+    if calibrate not in METHODS:
+        raise ValueError(f"calibrate must be one of {', '.join(METHODS)}, not {calibrate!r}")
     workers, intra = thread_plan(data, configs, threads)
     before = torch.get_num_threads()
     try:
         if intra:
             torch.set_num_threads(intra)
-        return _train_all(data, configs, max_stack, keep, progress, workers)
+        results = _train_all(data, configs, max_stack, keep, progress, workers)
+        if calibrate == "temperature":
+            _fit_calibration(data, results)
+        return results
     finally:
         torch.set_num_threads(before)
 
@@ -692,6 +704,34 @@ def _final_metrics(data: HeadData, results: list[HeadResult], val) -> None:
         res.metrics["val_acc"] = float((pred == data.val_group).double().mean())
 
 
+@torch.no_grad()
+def _fit_calibration(data: HeadData, results: list[HeadResult]) -> None:
+    """Temperature scaling of each head's kept weights, fitted on the validation split.
+
+    Every target is scaled the same way: the group scores its head's forward gives
+    (logits for group/soft heads, log group probabilities for ordinal heads, the
+    ordinal age scores for age heads) are divided by T. A diverged head is left alone.
+    """
+    for res in results:
+        if res.diverged:
+            continue
+        _, val = data.tables(res.config.standardize)
+        W = [w.to(data.device).unsqueeze(0) for w, _ in res.params]
+        b = [bb.to(data.device).unsqueeze(0) for _, bb in res.params]
+        z = _mlp(W, b, val, 0)
+        if res.config.target == "age":
+            age = z[:, 0] * res.age_scale + res.age_shift
+            scores = ordinal_scores(age, age_thresholds(data.group_edges, data.device), res.temperature)
+        elif res.config.target == "ordinal":
+            scores = ordinal_log_probs(z)
+        else:
+            scores = z
+        # Rounded to float32 once here, so head.json and the head's buffer record the same number.
+        temperature = float(torch.tensor(fit_calibration_temperature(scores, data.val_group), dtype=torch.float32))
+        res.calibration, res.calibration_temperature = "temperature", temperature
+        res.metrics["calibration_temperature"] = temperature
+
+
 AGE_TARGETS = ("age", "soft")   # targets computed from the age in years, not only the group
 
 
@@ -708,10 +748,14 @@ def fit_temperature(age_pred: torch.Tensor, groups: torch.Tensor, thresholds: to
     return float(grid[int(np.argmin(nll))])
 
 
-def result_meta(loaded, result: HeadResult, split_file=None, rank: int = 1, n_configs: int = 1) -> dict:
-    """The checkpoint meta of a trained head (see heads module docstring)."""
+def result_meta(loaded, result: HeadResult, split_file=None, rank: int = 1, n_configs: int = 1,
+                recipe: str | None = None) -> dict:
+    """The checkpoint meta of a trained head (see heads module docstring).
+
+    recipe: the train-head --recipe the options started from (recipes.py), recorded in config.
+    """
     settings = loaded.settings
-    config = {**result.config.as_dict(), "split_file": str(split_file) if split_file else None,
+    config = {**result.config.as_dict(), "recipe": recipe, "split_file": str(split_file) if split_file else None,
               "optimizer": "adamw" if result.config.weight_decay else "adam",
               "adam_betas": list(ADAM_BETAS), "adam_eps": ADAM_EPS,
               "loss": {"age": "huber", "soft": "soft_cross_entropy", "ordinal": "coral_binary_cross_entropy"}.get(
@@ -740,6 +784,11 @@ def result_meta(loaded, result: HeadResult, split_file=None, rank: int = 1, n_co
         "best_epoch": result.best_epoch,
         "metrics": result.metrics,
         "temperature": result.temperature if result.config.target == "age" else None,
+        # Post-hoc temperature scaling; heads.load_checkpoint checks it against the head's own buffer.
+        "calibration": {"method": result.calibration, "temperature": result.calibration_temperature,
+                        "fitted_on": "val" if result.calibration != "off" else None,
+                        "objective": "validation NLL of softmax(group scores / T)"
+                        if result.calibration != "off" else None},
         "sweep": {"rank": rank, "configurations": n_configs},
         "versions": {"torch": torch.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -1,4 +1,5 @@
-"""Inference engines: ONNX Runtime gives PyTorch's features, its export cache, fallbacks, mixed-engine refusal, resume."""
+"""Inference engines: ONNX Runtime gives PyTorch's features, its export cache, checked-once graphs that open without
+PyTorch, fallbacks, mixed-engine refusal, resume."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from click.testing import CliRunner
 from conftest import REAL_IMAGES, REPO, real_data_reason, write_utk_folder
 
-from pipeline import engines, onnx_export
+from pipeline import engine_cache, engines, extract, onnx_export
 from pipeline.backbones import create_backbone
 from pipeline.cli.featurize import main as featurize_cli
 from pipeline.decode import make_decoder
@@ -126,6 +127,7 @@ def test_a_graph_that_does_not_match_pytorch_is_refused(utk_folder, calibrated_m
         return {**out, "features": out["features"] + 1e-3}
 
     monkeypatch.setattr(engines.OnnxBackbone, "__call__", shifted)
+    forget_verdicts(onnx_cache)   # earlier tests checked this graph; a stored pass would skip the check
     weights = {"mobilenet_v2": str(calibrated_mobilenet)}
     files = sorted(utk_folder.iterdir())[:2]
     with pytest.raises(engines.EngineUnavailable, match="does not reproduce PyTorch.*features"):
@@ -134,6 +136,112 @@ def test_a_graph_that_does_not_match_pytorch_is_refused(utk_folder, calibrated_m
     runner = BackboneRunner(["mobilenet_v2"], weights, CPU, engine="auto", probe_files=files, log=lines.append)
     assert runner.describe()["engine"] == "torch"
     assert any("PyTorch" in line and "does not reproduce" in line for line in lines)
+    assert not list(onnx_cache.glob(f"*{engine_cache.VERDICT_SUFFIX}")), "a graph that failed its check has no verdict"
+
+
+def forget_verdicts(cache: Path) -> None:
+    for verdict in cache.glob(f"*{engine_cache.VERDICT_SUFFIX}"):
+        verdict.unlink()
+
+
+def test_a_checked_graph_is_checked_again_only_when_it_the_runtime_or_the_cpu_changes(
+        utk_folder, calibrated_mobilenet, onnx_cache, monkeypatch):
+    forget_verdicts(onnx_cache)
+    weights = {"mobilenet_v2": str(calibrated_mobilenet)}
+    files = sorted(utk_folder.iterdir())[:2]
+    lines = []
+    first = BackboneRunner(["mobilenet_v2"], weights, CPU, engine="onnxruntime", probe_files=files, log=lines.append)
+    graph = first.models["mobilenet_v2"].path
+    stored = json.loads(engine_cache.verdict_path(graph).read_text())
+    key = engine_cache.verdict_key(graph, __import__("onnxruntime").__version__, engines.VERIFY_TOLERANCE)
+    assert stored["key"] == key and stored["views"] == 4
+    assert stored["key"]["graph_sha256"] == engine_cache.file_sha256(graph)
+    assert 0 <= stored["max_abs_difference"] <= engines.VERIFY_TOLERANCE
+    assert "on 2 of the input images" in lines[-1]
+
+    # Later runs trust the stored pass: no probe images decoded, no PyTorch forward, no comparison.
+    compared, probed = [], []
+    real_difference, real_probe = engines.max_difference, engines.probe_views
+    monkeypatch.setattr(engines, "max_difference", lambda *a: compared.append(1) or real_difference(*a))
+    monkeypatch.setattr(engines, "probe_views", lambda *a: probed.append(1) or real_probe(*a))
+    lines.clear()
+    again = engines.select_engine({"mobilenet_v2": create_backbone("mobilenet_v2", weights["mobilenet_v2"])},
+                                  "onnxruntime", CPU, files, lines.append)[0]["mobilenet_v2"]
+    assert (compared, probed) == ([], []) and "verdict cached beside the graph" in lines[-1]
+    views = views_of(files)
+    np.testing.assert_array_equal(again(views.flatten(0, 1))["features"].numpy(),
+                                  first(views)["mobilenet_v2"]["features"].reshape(-1, 1280))
+
+    # Another CPU (a cache folder shared between machines): checked again, and the verdict now names it.
+    monkeypatch.setattr(engine_cache, "cpu_name", lambda: "another CPU")
+    BackboneRunner(["mobilenet_v2"], weights, CPU, engine="onnxruntime", probe_files=files, log=lambda *_: None)
+    assert compared == [1] and json.loads(engine_cache.verdict_path(graph).read_text())["key"]["cpu"] == "another CPU"
+
+    # A verdict made for other graph bytes, or an unreadable one, is not trusted either.
+    stored = json.loads(engine_cache.verdict_path(graph).read_text())
+    engine_cache.verdict_path(graph).write_text(json.dumps({**stored, "key": {**stored["key"],
+                                                                              "graph_sha256": "0" * 64}}))
+    BackboneRunner(["mobilenet_v2"], weights, CPU, engine="onnxruntime", probe_files=files, log=lambda *_: None)
+    engine_cache.verdict_path(graph).write_text("{not json")
+    BackboneRunner(["mobilenet_v2"], weights, CPU, engine="onnxruntime", probe_files=files, log=lambda *_: None)
+    assert compared == [1, 1, 1]
+    assert json.loads(engine_cache.verdict_path(graph).read_text())["key"]["graph_sha256"] == \
+        engine_cache.file_sha256(graph)
+
+
+def test_a_checked_graph_opens_without_building_the_pytorch_model(utk_folder, calibrated_mobilenet, onnx_cache,
+                                                                  monkeypatch):
+    weights = {"mobilenet_v2": str(calibrated_mobilenet)}
+    files = sorted(utk_folder.iterdir())[:3]
+    full = BackboneRunner(["mobilenet_v2"], weights, CPU, engine="onnxruntime", probe_files=files,
+                          log=lambda *_: None)   # builds the model, checks (or trusts) the graph, remembers it
+    built = []
+    real_create = extract.create_backbone
+    monkeypatch.setattr(extract, "create_backbone", lambda *a, **k: built.append(a[0]) or real_create(*a, **k))
+    lines = []
+    quick = BackboneRunner(["mobilenet_v2"], weights, CPU, engine="auto", probe_files=files, log=lines.append)
+    assert built == [] and "PyTorch models not built" in lines[-1]
+    assert quick.describe() == full.describe() and quick.models["mobilenet_v2"].path == full.models["mobilenet_v2"].path
+    views = views_of(files)
+    np.testing.assert_array_equal(quick(views)["mobilenet_v2"]["features"], full(views)["mobilenet_v2"]["features"])
+
+    # The PyTorch engine, changed forward code, or a graph whose verdict is gone: the models are built again.
+    BackboneRunner(["mobilenet_v2"], weights, CPU, engine="torch")
+    monkeypatch.setattr(engine_cache, "forward_code_digest", lambda: "edited code")
+    BackboneRunner(["mobilenet_v2"], weights, CPU, engine="auto", probe_files=files, log=lambda *_: None)
+    monkeypatch.undo()
+    monkeypatch.setattr(extract, "create_backbone", lambda *a, **k: built.append(a[0]) or real_create(*a, **k))
+    forget_verdicts(onnx_cache)
+    lines.clear()
+    again = BackboneRunner(["mobilenet_v2"], weights, CPU, engine="auto", probe_files=files, log=lines.append)
+    assert built == ["mobilenet_v2"] * 3 and "on 3 of the input images" in lines[-1]
+    assert again.describe()["engine"] == "onnxruntime"
+
+
+def test_the_shortcut_key_follows_the_weights_bytes_outputs_and_versions(calibrated_mobilenet, tmp_path, monkeypatch):
+    from pipeline.backbones import get_spec, resolve_weights_id
+
+    outputs = ["features", "stages"]
+    key = engine_cache.shortcut_key("mobilenet_v2", resolve_weights_id("mobilenet_v2", str(calibrated_mobilenet)),
+                                    outputs, "1.0")
+    state = torch.load(calibrated_mobilenet, weights_only=True)
+    next(iter(state.values())).mul_(1.5)
+    changed = tmp_path / "changed.pth"
+    torch.save(state, changed)
+    assert engine_cache.shortcut_key("mobilenet_v2", resolve_weights_id("mobilenet_v2", str(changed)),
+                                     outputs, "1.0") != key
+    assert engine_cache.shortcut_key("mobilenet_v2", key["weights_id"], outputs + ["gem"], "1.0") != key
+    assert engine_cache.shortcut_key("mobilenet_v2", key["weights_id"], outputs, "2.0") != key
+
+    # ImageNet weights: the checkpoint file torchvision would load, by content; unknown while it is not on disk.
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    assert engine_cache.shortcut_key("mobilenet_v2", "IMAGENET1K_V1", outputs, "1.0") is None
+    checkpoint = tmp_path / "hub" / "checkpoints" / Path(get_spec("mobilenet_v2").weights_enum.IMAGENET1K_V1.url).name
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"one")
+    first = engine_cache.shortcut_key("mobilenet_v2", "IMAGENET1K_V1", outputs, "1.0")
+    checkpoint.write_bytes(b"two")
+    assert first is not None and engine_cache.shortcut_key("mobilenet_v2", "IMAGENET1K_V1", outputs, "1.0") != first
 
 
 def test_fallback_when_onnxruntime_is_missing(utk_folder, calibrated_mobilenet, tmp_path, monkeypatch):

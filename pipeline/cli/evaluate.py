@@ -35,6 +35,9 @@ DEFINITIONS = {
     "mean_age_error": "mean of predicted minus true age in years (age-regression heads only, else null)",
     "tta": "if true, the plain and mirrored views' probabilities (and ages) are averaged",
     "ensemble": "the mean of its members' probabilities (after TTA, if any); ages averaged if every member has one",
+    "calibration_temperature": "the head's post-hoc temperature T (train-head --calibrate temperature, fitted on "
+                               "validation): its probabilities are softmax(group scores / T); 1 = uncalibrated; "
+                               "null for an ensemble, whose members each use their own",
     "domain": "in-domain: the head's own training data (same feature file, or the same rows, labels and splits); "
               "cross-domain: another data set",
     "mae_rows": "MAE and mean_age_error use only rows with a known age (rows labelled with a group only have age -1)",

@@ -17,7 +17,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
+from ..calibration import METHODS as CALIBRATION_METHODS
+from ..recipes import DEFAULT_RECIPE, RECIPES, help_text, missing_descriptor_message, recipe_options
 from .exit_codes import finish, output_error, require_writable
 
 
@@ -61,6 +64,21 @@ def _hidden(texts: tuple[str, ...]) -> list[tuple[int, ...]]:
     return list(dict.fromkeys(sizes))
 
 
+def _with_recipe(ctx: click.Context, recipe: str) -> tuple[dict, list[str]]:
+    """Every option's value after the recipe: the recipe's value wherever the user left the option at its default.
+
+    Returns (values by parameter name, the recipe's flags the command line overrode).
+    """
+    values, overridden = dict(ctx.params), []
+    for flag, value in recipe_options(recipe).items():
+        param = next(p for p in ctx.command.params if flag in p.opts)
+        if ctx.get_parameter_source(param.name) in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+            values[param.name] = value
+        else:
+            overridden.append(flag)
+    return values, overridden
+
+
 def _format_table(rows: list[dict], columns: list[str], limit: int | None = None) -> str:
     shown = rows[:limit] if limit else rows
     cells = [[_fmt(r.get(c)) for c in columns] for r in shown]
@@ -88,6 +106,9 @@ def _fmt(value) -> str:
               help="Backbone(s) whose features feed the head, comma-separated; several are concatenated (fusion).")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: head.safetensors + head.json (best head), results.csv.")
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default=DEFAULT_RECIPE, show_default=True,
+              help="A named set of option values; options given on the command line override it. "
+                   + help_text() + ".")
 @click.option("--features", "feature_kind", default="last", show_default=True,
               help="What each backbone contributes: last (final pooled features, the paper's), stages (earlier "
                    "stages pooled), both, or descriptors stored by featurize --descriptors (gem, grid, "
@@ -116,6 +137,9 @@ def _fmt(value) -> str:
 @click.option("--flip", default="on", show_default=True,
               help="on: each epoch, each image uses its plain or mirrored feature with p=0.5.")
 @click.option("--seed", default="0", show_default=True)
+@click.option("--calibrate", type=click.Choice(list(CALIBRATION_METHODS)), default="off", show_default=True,
+              help="temperature: after training, fit one temperature T on the validation split (minimum NLL) and "
+                   "divide the head's group scores by it. Accuracy is unchanged; probabilities and ECE move.")
 @click.option("--keep", type=click.Choice(["best", "last"]), default="best", show_default=True,
               help="Which epoch's weights to keep: best validation accuracy (the paper's) or the last.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -125,16 +149,18 @@ def _fmt(value) -> str:
               help="CPU threads: a number, or auto (whichever of 1 and torch's default is faster right now).")
 @click.option("--save-all", is_flag=True, help="Also save every configuration's head under OUT/runs/NNN/.")
 @click.option("--quiet", is_flag=True, help="Print only the results table.")
-def main(features_file, backbones, out, feature_kind, split_file, target, soft_sigma, lr, epochs, batch_size,
-         dropout, hidden, weight_decay, schedule, label_smoothing, class_weights, standardize, flip, seed, keep,
-         device, max_stack, threads, save_all, quiet):
+def main(features_file, backbones, out, recipe, feature_kind, split_file, target, soft_sigma, lr, epochs,
+         batch_size, dropout, hidden, weight_decay, schedule, label_smoothing, class_weights, standardize, flip, seed,
+         calibrate, keep, device, max_stack, threads, save_all, quiet):
     """Train age-group heads on FEATURES_FILE (made by featurize), in seconds, from the cache.
 
-    Defaults are the paper's recipe. Comma-separated values in the recipe options
+    Defaults are the paper's recipe (--recipe paper); --recipe strong or best changes
+    the defaults. Comma-separated values in the recipe options
     (--lr 1e-3,3e-4 --dropout 0.3,0.5 --seed 0,1,2 ...) train every combination.
     """
     import torch
 
+    from .. import store
     from ..backbones import parse_backbones
     from ..descriptors import kind_outputs
     from ..heads import TARGETS
@@ -143,6 +169,12 @@ def main(features_file, backbones, out, feature_kind, split_file, target, soft_s
     from ..sweep import (AGE_TARGETS, HeadConfig, expand_grid, missing_ages_message, result_meta, thread_plan,
                          train_heads)
 
+    # The recipe fills in every option the command line left at its default.
+    values, overridden = _with_recipe(click.get_current_context(), recipe)
+    (feature_kind, target, soft_sigma, lr, epochs, dropout, weight_decay, schedule, label_smoothing, standardize,
+     calibrate) = (values[k] for k in ("feature_kind", "target", "soft_sigma", "lr", "epochs", "dropout",
+                                       "weight_decay", "schedule", "label_smoothing", "standardize", "calibrate"))
+    batch_size, class_weights, flip, seed = (values[k] for k in ("batch_size", "class_weights", "flip", "seed"))
     if threads != "auto" and (not threads.isdigit() or int(threads) < 1):
         raise click.BadParameter(f"{threads!r} is not a positive number or auto", param_hint="--threads")
     try:
@@ -185,6 +217,11 @@ def main(features_file, backbones, out, feature_kind, split_file, target, soft_s
     require_writable(out)
     started = time.perf_counter()
     try:
+        # A descriptor the file lacks is one line that says how to make it, before any feature is read.
+        missing = missing_descriptor_message(features_file, feature_kind,
+                                             store.read_settings(features_file).get("descriptors"), names, recipe)
+        if missing:
+            raise click.ClickException(missing)
         loaded = load_training_data(features_file, names, feature_kind, split_file)
     except (FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from err
@@ -201,11 +238,14 @@ def main(features_file, backbones, out, feature_kind, split_file, target, soft_s
                    f"(split from {split_file or 'the feature file'}); loaded in {time.perf_counter() - started:.1f} s")
         on = device if device != "cpu" else (f"cpu, {workers} worker threads" if workers > 1
                                                else f"cpu, {intra or torch.get_num_threads()} thread(s)")
+        if recipe != DEFAULT_RECIPE or overridden:
+            kept = f"; the command line overrides {', '.join(overridden)}" if overridden else ""
+            click.echo(f"recipe {recipe}: {' '.join(f'{k} {v}' for k, v in recipe_options(recipe).items())}{kept}")
         click.echo(f"training {len(configs)} configuration(s) on {on}")
 
     started = time.perf_counter()
     results = train_heads(data, configs, max_stack=max_stack, keep=keep,
-                          threads=workers if workers > 1 else intra)
+                          threads=workers if workers > 1 else intra, calibrate=calibrate)
     elapsed = time.perf_counter() - started
     diverged = [i for i, r in enumerate(results) if r.diverged]
     for i in diverged:
@@ -225,14 +265,24 @@ def main(features_file, backbones, out, feature_kind, split_file, target, soft_s
         rows.append({"rank": rank, "config": i, **results[i].row()})
     best = results[order[0]]
     columns = list(dict.fromkeys(key for row in rows for key in row))  # a target sweep: only age rows have val_mae
+
+    def checkpoint(result, rank):
+        """(head, meta) to save; with temperature scaling, the meta gains the validation ECE/NLL before and after."""
+        head = result.to_head(loaded.group_edges)
+        meta = result_meta(loaded, result, split_file, rank=rank, n_configs=len(configs), recipe=recipe)
+        if result.calibration != "off":
+            from ..metrics import calibration_summary  # scikit-learn's import is only worth it here
+
+            meta["calibration"].update(calibration_summary(head, data.val, data.val_group))
+        return head, meta
+
     try:
         out.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(out, best.to_head(loaded.group_edges),
-                        result_meta(loaded, best, split_file, rank=1, n_configs=len(configs)))
+        best_head, best_meta = checkpoint(best, 1)
+        save_checkpoint(out, best_head, best_meta)
         if save_all:
             for rank, i in enumerate(order, start=1):
-                save_checkpoint(out / "runs" / f"{i:03d}", results[i].to_head(loaded.group_edges),
-                                result_meta(loaded, results[i], split_file, rank=rank, n_configs=len(configs)))
+                save_checkpoint(out / "runs" / f"{i:03d}", *checkpoint(results[i], rank))
         with (out / "results.csv").open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
@@ -247,6 +297,12 @@ def main(features_file, backbones, out, feature_kind, split_file, target, soft_s
         click.echo(_format_table(best.history, list(best.history[0])))
         click.echo(f"kept epoch {best.best_epoch} (best validation accuracy)")
     click.echo(_format_table(rows, shown, limit=None if len(rows) <= 40 else 40))
+    if not quiet and best.calibration != "off":
+        c = best_meta["calibration"]
+        click.echo(f"temperature scaling (best head): T = {c['temperature']:.4g}, fitted on the validation split "
+                   f"({len(data.val_group)} rows): ECE {100 * c['val_ece_before']:.2f}% -> "
+                   f"{100 * c['val_ece_after']:.2f}%, NLL {c['val_nll_before']:.4f} -> {c['val_nll_after']:.4f} "
+                   f"(accuracy unchanged)")
     if not quiet:
         rate = len(configs) / elapsed if elapsed > 0 else float("inf")
         click.echo(f"trained {len(configs)} head(s) in {elapsed:.1f} s ({rate:.2f}/s); "

@@ -1,0 +1,89 @@
+"""DALI's resize/normalize/mirror graph on pixels already in memory: the aligned face crops of --faces detect|box.
+
+The DALI file decoder (decode.build_dali_pipeline) starts from encoded file
+bytes. Face crops are cut out of the decoded picture first (face_crops.py), so
+there are no bytes to hand it; re-encoding the crops would add a lossy step.
+This graph takes the 200x200 uint8 HWC crops through an external source
+instead and runs the file decoder's own steps after decoding, with the same
+settings: a float, antialiased linear resize to IMAGE_SIZE, then
+crop_mirror_normalize with ImageNet mean/std (x255) into CHW, plain and
+mirrored, stacked as [B, 2, 3, S, S] float32. On the CPU it matches the file
+decoder on the same pixels to float rounding, and the torch resize path
+within decode's DALI-vs-torch tolerance (tests/test_face_dali.py). With a
+device id the crops are copied to the GPU and resized there (not yet run on a
+GPU).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .constants import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
+
+PIXELS_INPUT = "pixels"
+
+
+def build_pixel_pipeline(batch_size: int, num_threads: int, device_id: int | None):
+    """The two-view graph on uint8 HWC RGB arrays fed through the external source "pixels".
+
+    device_id None: every op on the CPU; otherwise the crops move to that GPU before the resize.
+    """
+    from nvidia.dali import fn, pipeline_def, types
+
+    # prefetch_queue_depth=1: each run consumes exactly the batch fed to it, as in decode.build_dali_pipeline.
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, prefetch_queue_depth=1)
+    def two_views():
+        rgb = fn.external_source(name=PIXELS_INPUT, dtype=types.UINT8, ndim=3, layout="HWC")
+        if device_id is not None:
+            rgb = rgb.gpu()
+        # The file decoder's resize and normalize, unchanged (dtype=FLOAT: resized in float, unrounded).
+        resized = fn.resize(rgb, resize_x=IMAGE_SIZE, resize_y=IMAGE_SIZE, interp_type=types.INTERP_LINEAR,
+                            antialias=True, dtype=types.FLOAT)
+        plain, mirror = (
+            fn.crop_mirror_normalize(resized, mirror=flip, dtype=types.FLOAT, output_layout="CHW",
+                                     mean=[255.0 * m for m in IMAGENET_MEAN], std=[255.0 * s for s in IMAGENET_STD])
+            for flip in (0, 1)
+        )
+        return fn.stack(plain, mirror)
+
+    pipe = two_views()
+    pipe.build()
+    return pipe
+
+
+class DaliPixels:
+    """Crops in, [B, 2, 3, S, S] float32 views out (on `device`), through one DALI pipeline built once."""
+
+    def __init__(self, device: torch.device | str = "cpu", batch_size: int = 64, num_threads: int = 2):
+        self.device = torch.device(device)
+        self.name = "dali-gpu" if self.device.type == "cuda" else "dali-cpu"
+        self._batch_size = batch_size
+        device_id = None
+        if self.device.type == "cuda":
+            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self._pipe = build_pixel_pipeline(batch_size, num_threads, device_id)
+
+    def __call__(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
+        if not len(crops):
+            return torch.empty((0, 2, 3, IMAGE_SIZE, IMAGE_SIZE), device=self.device)
+        parts = [self._run(crops[start:start + self._batch_size])
+                 for start in range(0, len(crops), self._batch_size)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _run(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        (views,) = self._pipe.run(**{PIXELS_INPUT: [np.ascontiguousarray(c, dtype=np.uint8) for c in crops]})
+        views = views.as_tensor()
+        out = torch.empty(views.shape(), dtype=torch.float32, device=self.device)
+        if self.device.type == "cuda":
+            # Copy out on the current stream and wait: the next run reuses DALI's output buffers.
+            stream = torch.cuda.current_stream(self.device)
+            feed_ndarray(views, out, cuda_stream=stream)
+            stream.synchronize()
+        else:
+            feed_ndarray(views, out)
+        return out
