@@ -459,7 +459,7 @@ def test_dali_errors_of_any_type_and_broken_pipelines(tmp_path, monkeypatch):
         paths.append(path)
     state = {"broken": False, "builds": 0}
 
-    def run(encoded):
+    def run(encoded, recyclable=False):   # DaliDecoder._run's signature
         if state["broken"]:
             raise RuntimeError("Current pipeline object is no longer valid.")
         if any(b"REJECT" in data.tobytes() for data in encoded):
