@@ -21,7 +21,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .constants import IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD
+from .constants import IMAGE_SIZE
+from .decode import dali_two_views
 
 PIXELS_INPUT = "pixels"
 
@@ -39,15 +40,7 @@ def build_pixel_pipeline(batch_size: int, num_threads: int, device_id: int | Non
         rgb = fn.external_source(name=PIXELS_INPUT, dtype=types.UINT8, ndim=3, layout="HWC")
         if device_id is not None:
             rgb = rgb.gpu()
-        # The file decoder's resize and normalize, unchanged (dtype=FLOAT: resized in float, unrounded).
-        resized = fn.resize(rgb, resize_x=IMAGE_SIZE, resize_y=IMAGE_SIZE, interp_type=types.INTERP_LINEAR,
-                            antialias=True, dtype=types.FLOAT)
-        plain, mirror = (
-            fn.crop_mirror_normalize(resized, mirror=flip, dtype=types.FLOAT, output_layout="CHW",
-                                     mean=[255.0 * m for m in IMAGENET_MEAN], std=[255.0 * s for s in IMAGENET_STD])
-            for flip in (0, 1)
-        )
-        return fn.stack(plain, mirror)
+        return dali_two_views(rgb)   # the file decoder's resize and normalize, unchanged
 
     pipe = two_views()
     pipe.build()

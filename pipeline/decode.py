@@ -457,19 +457,29 @@ def build_dali_pipeline(batch_size: int, num_threads: int, device_id: int | None
         # Fancy (smooth) chroma upsampling, as libjpeg-turbo's default in torchvision and PIL.
         rgb = fn.decoders.image(encoded, device="cpu" if device_id is None else "mixed", output_type=types.RGB,
                                 adjust_orientation=True, jpeg_fancy_upsampling=True)
-        # dtype=FLOAT: resize in float and keep the result unrounded.
-        resized = fn.resize(rgb, resize_x=IMAGE_SIZE, resize_y=IMAGE_SIZE, interp_type=types.INTERP_LINEAR,
-                            antialias=True, dtype=types.FLOAT)
-        plain, mirror = (
-            fn.crop_mirror_normalize(resized, mirror=flip, dtype=types.FLOAT, output_layout="CHW",
-                                     mean=[255.0 * m for m in IMAGENET_MEAN], std=[255.0 * s for s in IMAGENET_STD])
-            for flip in (0, 1)
-        )
-        return fn.stack(plain, mirror)
+        return dali_two_views(rgb)
 
     pipe = two_views()
     pipe.build()
     return pipe
+
+
+def dali_two_views(rgb):
+    """Inside a DALI pipeline definition: uint8 HWC RGB -> plain and mirrored normalized views, stacked.
+
+    Shared by the file decoder and dali_pixels (face crops), so both give the same tensors.
+    """
+    from nvidia.dali import fn, types
+
+    # dtype=FLOAT: resize in float and keep the result unrounded.
+    resized = fn.resize(rgb, resize_x=IMAGE_SIZE, resize_y=IMAGE_SIZE, interp_type=types.INTERP_LINEAR,
+                        antialias=True, dtype=types.FLOAT)
+    plain, mirror = (
+        fn.crop_mirror_normalize(resized, mirror=flip, dtype=types.FLOAT, output_layout="CHW",
+                                 mean=[255.0 * m for m in IMAGENET_MEAN], std=[255.0 * s for s in IMAGENET_STD])
+        for flip in (0, 1)
+    )
+    return fn.stack(plain, mirror)
 
 
 def _dali_reason(error: Exception) -> str:

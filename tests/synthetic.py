@@ -11,6 +11,25 @@ from pipeline.dataset import age_to_group
 from pipeline.extract import PREPROCESSING
 from pipeline.store import write_feature_file
 
+def class_signal_arrays(n=240, d=16, signal=1.0, seed=0, views_signal=(True, True), train=0.5, val=0.25):
+    """(features [n, 2, d], groups, ages, splits) for head tests: noise plus signal x a direction per group.
+
+    View v carries the direction if views_signal[v]; ages are drawn inside each group; splits are
+    train, val, test in row order with the given fractions.
+    """
+    rng = np.random.default_rng(seed)
+    groups = rng.integers(0, 4, n)
+    directions = rng.normal(size=(4, d))
+    features = rng.normal(size=(n, 2, d))
+    for v, carries in enumerate(views_signal):
+        if carries:
+            features[:, v] += signal * directions[groups]
+    ages = np.array([rng.integers((0, 26, 51, 76)[g], (25, 50, 75, 116)[g] + 1) for g in groups])
+    n_train, n_val = int(train * n), int(val * n)
+    splits = np.array(["train"] * n_train + ["val"] * n_val + ["test"] * (n - n_train - n_val), dtype=object)
+    return features.astype(np.float32), groups, ages, splits
+
+
 WIDTHS = {"mobilenet_v2": (1280, 488), "resnet50": (2048, 1792), "efficientnet_b0": (1280, 512)}
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from synthetic import make_feature_file
+from synthetic import class_signal_arrays, make_feature_file
 
 from pipeline.calibration import fit_temperature, negative_log_likelihood
 from pipeline.cli.evaluate import main as evaluate_main
@@ -87,16 +87,9 @@ def test_uninformative_scores_give_t_1_and_bad_scores_are_refused():
 def noisy_arrays(n=600, d=16, seed=0):
     """A weak class signal in noise: a wide head trained long without dropout memorizes it and gets overconfident.
 
-    (features [n, 2, d], groups, ages, splits): 40% train, 30% val, 30% held-out test.
+    40% train, 30% val, 30% held-out test.
     """
-    rng = np.random.default_rng(seed)
-    groups = rng.integers(0, 4, n)
-    directions = rng.normal(size=(4, d))
-    features = rng.normal(size=(n, 2, d)) + 0.6 * directions[groups][:, None, :]
-    ages = np.array([rng.integers((0, 26, 51, 76)[g], (25, 50, 75, 116)[g] + 1) for g in groups])
-    n_train, n_val = int(0.4 * n), int(0.3 * n)
-    splits = np.array(["train"] * n_train + ["val"] * n_val + ["test"] * (n - n_train - n_val), dtype=object)
-    return features.astype(np.float32), groups, ages, splits
+    return class_signal_arrays(n=n, d=d, signal=0.6, seed=seed, train=0.4, val=0.3)
 
 
 def noisy_data(**kwargs) -> HeadData:

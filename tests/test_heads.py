@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from synthetic import class_signal_arrays as synthetic_arrays
 from synthetic import make_feature_file
 
 from pipeline import store
@@ -35,20 +36,6 @@ def feature_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(feature_file):
     return load_training_data(feature_file, ["mobilenet_v2"], "last")
-
-
-def synthetic_arrays(n=240, d=16, signal=1.0, seed=0, views_signal=(True, True)):
-    """(features [n, 2, d], groups, ages, splits): view v carries the class direction if views_signal[v]."""
-    rng = np.random.default_rng(seed)
-    groups = rng.integers(0, 4, n)
-    directions = rng.normal(size=(4, d))
-    features = rng.normal(size=(n, 2, d))
-    for v, carries in enumerate(views_signal):
-        if carries:
-            features[:, v] += signal * directions[groups]
-    splits = np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n - n // 2 - n // 4), dtype=object)
-    ages = np.array([rng.integers((0, 26, 51, 76)[g], (25, 50, 75, 116)[g] + 1) for g in groups])
-    return features.astype(np.float32), groups, ages, splits
 
 
 def synthetic_data(**kwargs) -> HeadData:
