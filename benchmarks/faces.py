@@ -14,7 +14,8 @@ Reports:
              out) against the group it predicts from the original crop (--head, one or
              more), with the crop used whole (aligned) and/or itself detected and re-cut in
              our framing (detect), as featurize --faces aligned|detect would see it
-             (--crop-faces); optionally with flip TTA on both sides (--tta);
+             (--crop-faces); optionally with predict's TTA on both sides (--tta: flip,
+             and the zoomed cut-outs of faces cut out of a picture);
   speed      featurize images/s and process CPU seconds with --faces detect on the
              scenes against --faces aligned on the same faces' original crops.
 
@@ -148,7 +149,7 @@ def detection_and_alignment(scenes: list[Scene]) -> dict:
                 width, height = (face.box[2] - face.box[0]) / scale, (face.box[3] - face.box[1]) / scale
                 box_fit.append(((100 - box_centre[0]) / width, (100 - box_centre[1]) / height, CROP_SIZE / height))
             if k == 0 and len(scene.pasted) == 1:
-                chosen[scene.path] = (crop_file, aligned.crop, math.hypot(paste_map[0, 0], paste_map[1, 0]) * 200)
+                chosen[scene.path] = (crop_file, (rgb, aligned), math.hypot(paste_map[0, 0], paste_map[1, 0]) * 200)
         false_positive += len(faces) - len(used)
     torch.set_num_threads(threads)
     eye_mid, box_fit = np.array(eye_mid), np.array(box_fit)
@@ -166,11 +167,12 @@ def detection_and_alignment(scenes: list[Scene]) -> dict:
 
 
 def crop_inputs(chosen: dict, crop_modes: tuple[str, ...]) -> dict:
-    """Every picture the agreement numbers need, once for all heads: per one-face scene the crop cut out of
+    """Every picture the agreement numbers need, once for all heads: per one-face scene the face cut out of
     the scene, the original crop file as featurize --faces <mode> would see it for each of `crop_modes`
     (aligned: the file whole; detect: the file's own face found and re-cut in our framing, None when MTCNN
     finds none), the original mirrored, and the original re-cut 1:1 (pasted unscaled into a bigger
-    picture, detected and aligned: only the framing differs from the original)."""
+    picture, detected and aligned: only the framing differs from the original). Faces cut out of a
+    picture are (picture, faces.AlignedFace) pairs, so TTA can cut them out again (predict's zooms)."""
     from scenes import background
 
     from pipeline.decode import load_rgb
@@ -191,36 +193,44 @@ def crop_inputs(chosen: dict, crop_modes: tuple[str, ...]) -> dict:
             cut = []
             for original in originals:
                 faces = detector.locate(original)
-                cut.append(align_face(original, faces[choose_face(faces)]).crop if faces else None)
+                cut.append((original, align_face(original, faces[choose_face(faces)])) if faces else None)
             by_mode[mode] = cut
     recut = []
     for original in originals:
         canvas = background(400, 400, 0)
         canvas[100:300, 100:300] = original
         faces = detector.locate(canvas)
-        recut.append(align_face(canvas, faces[0]).crop if faces else original)
+        recut.append((canvas, align_face(canvas, faces[0])) if faces else original)
     truth_ages = [int(f.name.split("_")[0]) for f in files]
     return {"files": files, "sides": np.array(sides), "ages": np.array(truth_ages), "scene": scene_crops,
             "crop": by_mode, "mirror": [o[:, ::-1].copy() for o in originals], "recut": recut}
 
 
 def head_groups(head: Path, inputs: dict, weights: dict, tta: bool) -> dict:
-    """The group one head predicts for every picture of crop_inputs() (-1 where a picture is missing)."""
+    """The group one head predicts for every picture of crop_inputs() (-1 where a picture is missing), as
+    predict labels it: a crop file by its plain (and with TTA mirrored) view, a face cut out of a picture
+    through predict's face_probabilities (with TTA also its zoomed cut-outs)."""
     import torch
 
-    from pipeline.cli.predict import Predictor
+    from pipeline.cli.predict import Predictor, face_probabilities
     from pipeline.face_crops import crops_to_views
 
     predictor = Predictor([head], weights, device="cpu")
 
-    def groups(crops: list) -> np.ndarray:
-        out = np.full(len(crops), -1)
-        present = [i for i, c in enumerate(crops) if c is not None]
-        for lo in range(0, len(present), 32):
-            part = present[lo:lo + 32]
-            with torch.inference_mode():
-                probs, _ = predictor(crops_to_views([crops[i] for i in part]), tta=tta)
-            out[part] = probs.argmax(1)
+    def groups(items: list) -> np.ndarray:
+        out = np.full(len(items), -1)
+        cut_out = [i for i, c in enumerate(items) if isinstance(c, tuple)]
+        whole = [i for i, c in enumerate(items) if isinstance(c, np.ndarray)]
+        for present in (cut_out, whole):
+            for lo in range(0, len(present), 32):
+                part = present[lo:lo + 32]
+                batch = [items[i] for i in part]
+                with torch.inference_mode():
+                    if present is cut_out:
+                        probs, _ = face_probabilities(predictor, batch, tta)
+                    else:
+                        probs, _ = predictor(crops_to_views(batch), tta=tta)
+                out[part] = probs.argmax(1)
         return out
 
     edges = list(predictor.meta["group_edges"])
@@ -290,7 +300,8 @@ def main() -> None:
                              "aligned (the file whole), detect (its face found and re-cut, as featurize "
                              "--faces detect does). Each gets its own agreement column.")
     parser.add_argument("--tta", choices=("off", "on", "both"), default="off",
-                        help="Flip test-time augmentation (plain and mirror averaged) on both sides.")
+                        help="predict --tta on both sides: plain and mirror averaged, and faces cut out of a "
+                             "picture also at faces.TTA_ZOOMS sides.")
     parser.add_argument("--head-weights", default="", help="NAME=FILE for a head made with local weights.")
     parser.add_argument("--speed-images", type=int, default=48, help="Scenes featurized for the speed numbers.")
     parser.add_argument("--speed-backbones", default="mobilenet_v2;mobilenet_v2,resnet50,efficientnet_b0",
@@ -356,7 +367,7 @@ def main() -> None:
                     a = agreement(predicted, inputs["sides"], sides)
                     if not a["n"]:
                         continue
-                    cells = [head.name, "flip" if tta else "-", label, str(a["n"])]
+                    cells = [head.name, "flip + zoom" if tta else "-", label, str(a["n"])]
                     cells += [f"{100 * a[f'agreement_{m}']:.1f}%" for m in modes]
                     cells += [f"{100 * a['accuracy_scene']:.1f}%"] + [f"{100 * a[f'accuracy_crop_{m}']:.1f}%"
                                                                       for m in modes]

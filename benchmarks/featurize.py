@@ -22,6 +22,11 @@ builds no PyTorch model (engine_cache.py).
     python benchmarks/featurize.py                          # 128 UTKFace images, CPU, both engines
     python benchmarks/featurize.py --per-backbone --modes a,c --no-double
     python benchmarks/featurize.py --images 512 --device cuda --modes a,c --engines torch
+    python benchmarks/featurize.py --images 1024 --backbones mobilenet_v2 --modes a,c --no-double --rounds 7
+
+On a shared or virtual machine one run of each mode spreads by 10-20%; --rounds N
+runs every measurement N times, interleaved, and reports the run with the median
+rate per row, the range, and the overhead of (a) over (c) per round.
 """
 
 from __future__ import annotations
@@ -198,6 +203,7 @@ def main() -> None:
     parser.add_argument("--per-backbone", action="store_true",
                         help="also run (a) and (c) for each backbone alone")
     parser.add_argument("--no-double", action="store_true", help="skip the 2N run of (a) that checks memory")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every measurement, interleaved; report medians")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-images", type=Path, help=argparse.SUPPRESS)
@@ -224,15 +230,18 @@ def main() -> None:
             described = run_child("prepare", subset, passthrough(args.backbones, engine))["engine"]
             print(f"  prepared {engine}: {described}", file=sys.stderr)
 
-    results = []   # (label, backbones, engine, mode, result)
-    for backbones in groups:
-        for mode in modes:
-            for engine in (engines if mode in ("a", "c") else ["torch"]):
-                if mode == "b" and backbones != args.backbones:
-                    continue
-                r = run_child(mode, subset, passthrough(backbones, engine))
-                results.append((backbones, engine, mode, r))
-                print(f"  ({mode}) {backbones} {engine}: {rate(r):.2f} images/s", file=sys.stderr)
+    runs = {}   # (backbones, engine, mode) -> [result per round]
+    for round_ in range(args.rounds):
+        for backbones in groups:
+            for mode in modes:
+                for engine in (engines if mode in ("a", "c") else ["torch"]):
+                    if mode == "b" and backbones != args.backbones:
+                        continue
+                    r = run_child(mode, subset, passthrough(backbones, engine))
+                    runs.setdefault((backbones, engine, mode), []).append(r)
+                    print(f"  round {round_ + 1}: ({mode}) {backbones} {engine}: {rate(r):.2f} images/s", file=sys.stderr)
+    # Per row, the round with the median rate (its seconds and setup belong together).
+    results = [(b, e, m, sorted(rs, key=rate)[len(rs) // 2]) for (b, e, m), rs in runs.items()]
     if "a" in modes and not args.no_double:
         double = pick_images(args.data, 2 * args.images, work / f"n{2 * args.images}")
         for engine in engines:
@@ -247,13 +256,16 @@ def main() -> None:
           f"commit {info['commit']}, {info['date']}, load average {info['load']:.1f}")
     print(f"images: {args.images} from {args.data}; weights {args.weights}; batch {args.batch_size}; "
           f"device {args.device}; decoder {args.decoder}\n")
-    print("| backbones | engine | mode | images | seconds | images/s | images/s without setup | peak RSS (GB) |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    several = args.rounds > 1
+    print("| backbones | engine | mode | images | seconds | images/s | images/s without setup | peak RSS (GB) |"
+          + (f" images/s, {args.rounds} rounds (min-max) |" if several else ""))
+    print("|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if several else ""))
     for backbones, engine, mode, r in results:
         steady = f"{rate(r, True):.2f}" if "setup" in r else ""
+        spread = [rate(x) for x in runs.get((backbones, engine, mode), [r])]
         print(f"| {backbones.replace(',', ' + ')} | {ENGINE_LABEL.get(engine, engine) if mode != 'b' else 'PyTorch'} "
               f"| {label[mode]} | {r['images']} | {r['seconds']:.1f} | {rate(r):.2f} | {steady} | "
-              f"{r['peak_rss_gb']:.2f} |")
+              f"{r['peak_rss_gb']:.2f} |" + (f" {min(spread):.1f}-{max(spread):.1f} |" if several else ""))
 
     found = {(b, e, m): r for b, e, m, r in results}
     print()
@@ -265,6 +277,11 @@ def main() -> None:
                 print(f"{name}, {engine}: overhead of (a) over its pure forward (c): "
                       f"{100 * (rate(c) / rate(a, True) - 1):.1f}% without setup, "
                       f"{100 * (rate(c) / rate(a) - 1):.1f}% with it (target <= 10%)")
+                if several:  # each round's (a) against the (c) of the same round
+                    pairs = sorted(100 * (rate(cc) / rate(aa, True) - 1)
+                                   for aa, cc in zip(runs[(backbones, engine, "a")], runs[(backbones, engine, "c")]))
+                    print(f"  per round, without setup: median {pairs[len(pairs) // 2]:.1f}%, "
+                          f"range {pairs[0]:.1f}% to {pairs[-1]:.1f}%")
         if "torch" in engines and "onnxruntime" in engines:
             for mode in ("a", "c"):
                 t, o = found.get((backbones, "torch", mode)), found.get((backbones, "onnxruntime", mode))

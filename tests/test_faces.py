@@ -19,8 +19,8 @@ from PIL import Image
 
 from conftest import REPO
 from scenes import background, crop_geometry, paste
-from pipeline.faces import (BOX_TO_SIDE, CROP_SIZE, EYE_MIDPOINT, EYE_SPAN_TO_SIDE, Face, FaceHint, MtcnnFaces,
-                            align_face, choose_face, crosses_edge, paste_back)
+from pipeline.faces import (BOX_TO_SIDE, CROP_SIZE, EYE_MIDPOINT, EYE_SPAN_TO_SIDE, TTA_ZOOMS, Face, FaceHint,
+                            MtcnnFaces, align_face, choose_face, crosses_edge, paste_back)
 
 SAMPLE = REPO / "sample" / "utkface"
 # Two sample crops with frontal faces of different people and ages.
@@ -160,6 +160,18 @@ def test_profile_landmarks_fall_back_to_the_box():
     assert side == pytest.approx(BOX_TO_SIDE * 130, rel=1e-6)   # x box height, not EYE_SPAN_TO_SIDE x 8 px
     frontal = Face(box, np.array([[130, 130], [170, 130], [150, 160], [135, 180], [165, 180]], np.float32), 0.99)
     assert align_face(picture, frontal).framing == "eyes"
+
+
+def test_zoom_scales_the_square_about_its_centre():
+    picture = np.zeros((300, 300, 3), np.uint8)
+    face = Face(np.array([100, 80, 200, 210], np.float32),
+                np.array([[130, 128], [172, 134], [150, 160], [135, 180], [165, 180]], np.float32), 0.99)
+    centre, side, angle = crop_geometry(align_face(picture, face).to_picture, CROP_SIZE)
+    for zoom in (0.95, 1.05):
+        zoomed_centre, zoomed_side, zoomed_angle = crop_geometry(align_face(picture, face, zoom=zoom).to_picture,
+                                                                 CROP_SIZE)
+        np.testing.assert_allclose(zoomed_centre, centre, atol=1e-9)
+        assert zoomed_side == pytest.approx(zoom * side) and zoomed_angle == pytest.approx(angle)
 
 
 def test_paste_back_inverts_the_crop():
@@ -367,6 +379,27 @@ def test_predict_detect_writes_one_row_per_face_and_an_annotated_copy(scene_fold
     for k, row in enumerate(two):
         np.testing.assert_allclose([float(row[c]) for c in probability_columns],
                                    [float(aligned[f"face{k}"][c]) for c in probability_columns], atol=1e-4)
+    # --tta: each face's probabilities average its cut-outs at faces.TTA_ZOOMS sides, each plain and mirrored.
+    tta_out = tmp_path / "pred_tta.csv"
+    result = run(predict_main, [scene_folder / "20_0_1_20170101000000003.png", "--checkpoint", mnv2_head,
+                                "--weights", weights, "--faces", "detect", "--tta", "--device", "cpu", "-o", tta_out])
+    assert result.exit_code == 0, result.output
+    with tta_out.open(newline="") as handle:
+        tta_rows = list(csv.DictReader(handle))
+    zoom_dir = tmp_path / "zoomed"
+    zoom_dir.mkdir()
+    for k, face in enumerate(detector.locate(scene)):
+        for zoom in TTA_ZOOMS:
+            Image.fromarray(align_face(scene, face, zoom=zoom).crop).save(zoom_dir / f"face{k}_{zoom}.png")
+    zoom_out = tmp_path / "zoomed.csv"
+    result = run(predict_main, [zoom_dir, "--checkpoint", mnv2_head, "--weights", weights, "--decoder", "torch",
+                                "--tta", "--device", "cpu", "-o", zoom_out])
+    assert result.exit_code == 0, result.output
+    with zoom_out.open(newline="") as handle:
+        zoomed = {Path(r["file"]).stem: r for r in csv.DictReader(handle)}
+    for k, row in enumerate(tta_rows):
+        expected = np.mean([[float(zoomed[f"face{k}_{zoom}"][c]) for c in probability_columns] for zoom in TTA_ZOOMS], 0)
+        np.testing.assert_allclose([float(row[c]) for c in probability_columns], expected, atol=1e-4)
     # The annotated copy: same size as the photo, red box pixels around each face.
     annotated = tmp_path / "pred_annotated" / "20_0_1_20170101000000003_faces.png"
     assert annotated.is_file()

@@ -22,7 +22,7 @@ from ..descriptors import parse_descriptors
 from ..store import SettingsMismatch
 from .label_options import label_source_options
 from .exit_codes import finish, output_error, require_writable
-from .options import max_pixels_option, parse_weight_pairs, precision_option
+from .options import engine_option, max_pixels_option, parse_weight_pairs, precision_option
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "sample" / "utkface"
 
@@ -82,10 +82,7 @@ def _parse_weights(text: str, backbones: tuple[str, ...]) -> dict[str, str | Non
                    "last block), grid (2x2 + 3x3 cell means of the last block), stage_grid (the same grids of "
                    "the last earlier stage), all, or none.")
 @precision_option
-@click.option("--engine", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
-              help="What runs the backbones' forward pass. auto: ONNX Runtime on the CPU when installed and the "
-                   "exported graph matches PyTorch (1.5-3.5x faster, same features up to float rounding), "
-                   "else PyTorch; always PyTorch on the GPU.")
+@engine_option
 @click.option("--allow-mixed", is_flag=True,
               help="Resume or keep a file whose rows were computed another way (device, precision, decoder, "
                    "engine); every row range keeps its own record. Refused by default.")

@@ -26,7 +26,7 @@ from ..heads import assemble_features
 from ..labels import display_path
 from ..image_checks import DEFAULT_MAX_PIXELS
 from .exit_codes import finish, output_error, require_writable
-from .options import max_pixels_option, parse_weight_pairs, precision_option
+from .options import engine_option, max_pixels_option, parse_weight_pairs, precision_option
 
 
 @dataclass
@@ -129,7 +129,7 @@ def predict_faces(predictor: Predictor, files: list[Path], mode, batch_size: int
                   annotated_dir: Path | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[list[Prediction], list[tuple[str, str]], list[Path]]:
     """Every face of every picture: (one prediction per face, [(file, reason)] for pictures that failed or hold
     no face, annotated copies written). Faces are cut out as featurize --faces detect does (face_crops.py)."""
-    from ..face_crops import crops_to_views, read_faces
+    from ..face_crops import read_faces
 
     predictions, failures, annotated = [], [], []
     for lo in range(0, len(files), batch_size):
@@ -139,7 +139,7 @@ def predict_faces(predictor: Predictor, files: list[Path], mode, batch_size: int
         found = []
         for start in range(0, len(faces), batch_size):  # a group photo can hold more faces than a batch
             chunk = faces[start:start + batch_size]
-            probs, ages = predictor(crops_to_views([aligned.crop for _, _, aligned in chunk], predictor.device), tta)
+            probs, ages = face_probabilities(predictor, [(picture.rgb, aligned) for picture, _, aligned in chunk], tta)
             found += [Prediction(picture.path, probs[i], None if ages is None else float(ages[i]), k,
                                  aligned.face.box.astype(float), float(aligned.face.score))
                       for i, (picture, k, aligned) in enumerate(chunk)]
@@ -147,6 +147,26 @@ def predict_faces(predictor: Predictor, files: list[Path], mode, batch_size: int
         if annotated_dir is not None:
             annotated += _write_annotated(pictures, found, list(predictor.meta["class_names"]), annotated_dir)
     return predictions, failures, annotated
+
+
+def face_probabilities(predictor: Predictor, faces: list, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """(probabilities [N, C], ages [N] or None) of faces cut out of pictures: [(picture rgb, faces.AlignedFace)].
+
+    With tta each face is cut out again at every faces.TTA_ZOOMS side, and the plain and mirrored views
+    of every cut are averaged: the framing of a face found in a photo is only known to a few percent.
+    """
+    from ..face_crops import crops_to_views
+    from ..faces import TTA_ZOOMS, align_face
+
+    zooms = TTA_ZOOMS if tta else (1.0,)
+    runs = []
+    for zoom in zooms:
+        crops = [aligned.crop if zoom == 1.0 else align_face(rgb, aligned.face, zoom=zoom).crop
+                 for rgb, aligned in faces]
+        runs.append(predictor(crops_to_views(crops, predictor.device), tta))
+    probs = np.mean([p for p, _ in runs], axis=0)
+    ages = None if runs[0][1] is None else np.mean([a for _, a in runs], axis=0)
+    return probs, ages
 
 
 def _write_annotated(pictures, predictions: list[Prediction], class_names: list[str], folder: Path) -> list[Path]:
@@ -208,13 +228,13 @@ def format_table(predictions: list[Prediction], class_names: list[str]) -> str:
 @click.option("--weights", multiple=True, metavar="NAME=PATH",
               help="Backbone weights to use instead of those named in the checkpoint; needed when they were a "
                    "local file, and checked against the id it records. Repeat, or comma-separate.")
-@click.option("--tta", is_flag=True, help="Average the plain and mirrored views' probabilities.")
+@click.option("--tta", is_flag=True,
+              help="Average the plain and mirrored views' probabilities; with --faces detect, also over the face "
+                   "cut out at 0.95x, 1x and 1.05x its side (its framing in a photo is known to a few percent).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--decoder", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
-@click.option("--engine", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
-              help="What runs the backbones. auto: ONNX Runtime on the CPU when installed and its exported graph "
-                   "matches PyTorch on the first images, else PyTorch (features agree up to float rounding).")
+@engine_option
 @precision_option
 @click.option("-o", "--out", type=click.Path(path_type=Path, dir_okay=False), help="Write a CSV here.")
 @click.option("--quiet", is_flag=True, help="Do not print the table.")
