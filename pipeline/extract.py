@@ -344,11 +344,10 @@ def _run_locked(config: FeaturizeConfig, progress=None, log=print) -> dict:
         decoder = (make_decoder(config.decoder, device.type, config.batch_size, max_pixels=config.max_pixels)
                    if face_mode is None
                    else _face_decoder(face_mode, device, files, plan.meta, config.decoder, config.batch_size))
-        # Each part records how it was really computed (the engine as the runner reports it, if it can).
-        describe = getattr(runner, "describe", None)
+        # Each part records how it was really computed (the engine as the runner reports it).
         finished = parts.records() if done else []   # as assemble reads them (older parts: the plan's record)
         parts.settings = {**parts.settings, "compute": provenance.compute_record(
-            device, runner.precision, decoder.name, describe() if describe else None)}
+            device, runner.precision, decoder.name, runner.describe())}
         earlier = [r for r in finished if r != parts.settings["compute"]]
         if earlier and not config.allow_mixed:  # same plan, but the finished batches really ran another way
             raise SettingsMismatch(mixed_parts_message(parts.folder, earlier + [parts.settings["compute"]]))
