@@ -48,6 +48,16 @@ def cpu_unless_marked_gpu(request, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Head-training tests: the trainer's matmuls are tiny, and a second thread only adds synchronization
+    (on a busy machine, waiting for it dominates). Use with pytestmark = pytest.mark.usefixtures(...)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def onnx_cache(tmp_path_factory):
     """ONNX exports of this test session go to a temporary folder, not the user's cache."""

@@ -23,12 +23,7 @@ EDGES = (25, 50, 75, 116)
 SMALL = {"mobilenet_v2": (24, 12)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # conftest: tiny matmuls, one thread
 
 
 def sampled_labels(true_logits: torch.Tensor, seed: int = 0) -> torch.Tensor:

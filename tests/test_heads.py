@@ -42,14 +42,7 @@ def synthetic_data(**kwargs) -> HeadData:
     return HeadData.from_arrays(*synthetic_arrays(**kwargs), (25, 50, 75, 116))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The trainer's matmuls are tiny here; a second thread only adds synchronization, and on a
-    # busy machine waiting for it dominates. Timing-independent: results are compared per thread count.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # conftest: tiny matmuls, one thread
 
 
 def flat_params(result):

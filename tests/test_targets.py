@@ -17,12 +17,7 @@ from pipeline.sweep import (HeadConfig, dropout_generator, dropout_keep, dropout
 EDGES = (25, 50, 75, 116)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # conftest: tiny matmuls, one thread
 
 
 def synthetic_data(n=200, d=12, seed=0, years_per_unit=30.0) -> HeadData:
