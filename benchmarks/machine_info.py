@@ -5,20 +5,14 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from pipeline.engine_cache import cpu_name  # noqa: E402  (the CPU model, as the ONNX verdicts record it)
 
 
 def git_commit() -> str:
@@ -37,7 +31,7 @@ def machine() -> dict:
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu_model(), "cores": cores, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"cpu": cpu_name(), "cores": cores, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
             "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M"), "load": os.getloadavg()[0]}

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .constants import IMAGE_SIZE
-from .decode import dali_two_views
+from .decode import dali_device_id, dali_two_views
 
 PIXELS_INPUT = "pixels"
 
@@ -54,10 +54,7 @@ class DaliPixels:
         self.device = torch.device(device)
         self.name = "dali-gpu" if self.device.type == "cuda" else "dali-cpu"
         self._batch_size = batch_size
-        device_id = None
-        if self.device.type == "cuda":
-            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        self._pipe = build_pixel_pipeline(batch_size, num_threads, device_id)
+        self._pipe = build_pixel_pipeline(batch_size, num_threads, dali_device_id(self.device))
 
     def __call__(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
         if not len(crops):

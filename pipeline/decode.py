@@ -464,6 +464,13 @@ def build_dali_pipeline(batch_size: int, num_threads: int, device_id: int | None
     return pipe
 
 
+def dali_device_id(device: torch.device) -> int | None:
+    """DALI's device_id for a torch device: the GPU's index (the current one for a bare "cuda"), None on the CPU."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def dali_two_views(rgb):
     """Inside a DALI pipeline definition: uint8 HWC RGB -> plain and mirrored normalized views, stacked.
 
@@ -510,12 +517,8 @@ class DaliDecoder:
         self.rebuilds = 0  # pipelines built after the first
         self._batch_size = batch_size
         self._num_threads = num_threads
-        if device.type == "cuda":
-            self._device_id = device.index if device.index is not None else torch.cuda.current_device()
-            self._streams = DecodeStream(device, consumer_stream)
-        else:
-            self._device_id = None
-            self._streams = None
+        self._device_id = dali_device_id(device)
+        self._streams = DecodeStream(device, consumer_stream) if device.type == "cuda" else None
         self._pipe = build_dali_pipeline(self._batch_size, self._num_threads, self._device_id)
         self._check_pool = ThreadPoolExecutor(num_threads, thread_name_prefix="check")
         # CPU output buffers handed back by recycle(), and the addresses of the latest ones decode() handed out

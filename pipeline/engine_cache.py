@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -59,13 +58,13 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    """Written under a temporary name and renamed; a cache folder that is not writable only loses the saving."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    """Written atomically; a cache folder that is not writable only loses the saving."""
+    from .onnx_export import write_json_atomically
+
     try:
-        partial.write_text(json.dumps(value, indent=1, sort_keys=True))
-        os.replace(partial, path)
+        write_json_atomically(path, value)
     except OSError:
-        partial.unlink(missing_ok=True)
+        pass
 
 
 # ----------------------------------------------------------------------------- verdicts
@@ -149,8 +148,9 @@ def shortcut_key(name: str, weights_id: str, outputs: list[str], runtime_version
 
 
 def shortcut_path(key: dict, cache_dir: Path) -> Path:
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return Path(cache_dir) / f"{key['backbone']}-{name}{SHORTCUT_SUFFIX}"
+    from .onnx_export import cached_path
+
+    return cached_path(key, cache_dir, SHORTCUT_SUFFIX)
 
 
 def remembered_graph(key: dict, cache_dir: Path) -> Path | None:

@@ -174,6 +174,8 @@ def calibration_summary(head, features, groups, batch_size: int = 8192) -> dict:
     """
     import torch
 
+    from .calibration import negative_log_likelihood
+
     before, after = [], []
     head = head.eval()
     with torch.no_grad():
@@ -184,9 +186,8 @@ def calibration_summary(head, features, groups, batch_size: int = 8192) -> dict:
     groups = torch.as_tensor(groups).long().cpu()
     summary = {"temperature": float(head.calibration_temperature)}
     for name, scores in (("before", torch.cat(before)), ("after", torch.cat(after))):
-        logp = torch.log_softmax(scores, dim=1)
-        summary[f"val_ece_{name}"] = expected_calibration_error(groups.numpy(), logp.exp().numpy())
-        summary[f"val_nll_{name}"] = float(-logp.gather(1, groups.view(-1, 1)).mean())
+        summary[f"val_ece_{name}"] = expected_calibration_error(groups.numpy(), torch.log_softmax(scores, 1).exp().numpy())
+        summary[f"val_nll_{name}"] = negative_log_likelihood(scores, groups)
     return summary
 
 

@@ -124,9 +124,10 @@ def cache_key(backbone: FrozenBackbone, runtime_version: str, digest: str | None
     }
 
 
-def cached_path(key: dict, cache_dir: Path) -> Path:
+def cached_path(key: dict, cache_dir: Path, suffix: str = ".onnx") -> Path:
+    """<backbone>-<hash of the key><suffix> in the cache: the graph, or (engine_cache) a file keyed the same way."""
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return Path(cache_dir) / f"{key['backbone']}-{name}.onnx"
+    return Path(cache_dir) / f"{key['backbone']}-{name}{suffix}"
 
 
 def exported_model(backbone: FrozenBackbone, runtime_version: str, cache_dir: Path | None = None,
@@ -158,7 +159,7 @@ def exported_model(backbone: FrozenBackbone, runtime_version: str, cache_dir: Pa
         with open(partial, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(partial, path)
-        _write_json_atomically(path.with_suffix(".json"), key)  # for people: what the file was made from
+        write_json_atomically(path.with_suffix(".json"), key)  # for people: what the file was made from
     except OSError as err:
         raise ExportUnavailable(f"cannot write {path}: {err.strerror or err}; "
                                 f"set {CACHE_ENV} to a writable folder") from err
@@ -206,7 +207,12 @@ def _export(model: FrozenBackbone, path: Path) -> None:
                                 f"{str(err).splitlines()[0] if str(err) else ''} {last[0]}".strip()) from err
 
 
-def _write_json_atomically(path: Path, value: dict) -> None:
+def write_json_atomically(path: Path, value: dict) -> None:
+    """Written under a temporary name and renamed, so a reader never sees half a file; OSError propagates."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(json.dumps(value, indent=1, sort_keys=True))
-    os.replace(partial, path)
+    try:
+        partial.write_text(json.dumps(value, indent=1, sort_keys=True))
+        os.replace(partial, path)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
