@@ -22,6 +22,7 @@ Reports:
     TORCH_HOME=../shared/torch python benchmarks/faces.py --head HEAD_DIR --scenes 150
     python benchmarks/faces.py --head HEAD_DIR --exclude train_files.txt   # crops the head never saw
     python benchmarks/faces.py --head A --head B --crop-faces aligned,detect --tta both --speed-backbones ""
+    python benchmarks/faces.py --scenes 200 --speed-images 128 --speed-rounds 5    # featurize speed, medians
 
 Prints Markdown tables with the machine and commit.
 """
@@ -261,8 +262,10 @@ def agreement(predicted: dict, sides: np.ndarray, within=(0, 1e9)) -> dict:
     return result
 
 
-def featurize_speed(scenes: list[Scene], count: int, backbones: tuple[str, ...], folder: Path) -> dict:
-    """--faces detect on `count` one-face scenes vs --faces aligned on their original crops: images/s, CPU s."""
+def featurize_speed(scenes: list[Scene], count: int, backbones: tuple[str, ...], folder: Path,
+                    rounds: int = 1) -> dict:
+    """--faces detect on `count` one-face scenes vs --faces aligned on their original crops: images/s and
+    process CPU seconds, the median of `rounds` interleaved rounds (per round: the CPU ratio)."""
     from pipeline import extract
 
     picked = [s for s in scenes if len(s.pasted) == 1][:count]
@@ -273,17 +276,20 @@ def featurize_speed(scenes: list[Scene], count: int, backbones: tuple[str, ...],
         for folder_, target in ((scene_dir, scene.path), (crop_dir, scene.pasted[0][0])):
             link = folder_ / scene.path.name   # the same name in both, so the same labels and split
             if not link.exists():
-                link.symlink_to(target)
-    results = {}
-    for mode, data in (("aligned", crop_dir), ("detect", scene_dir)):
-        config = extract.FeaturizeConfig(data_dir=data, out=folder / f"speed_{mode}_{'_'.join(backbones)}.h5",
-                                         backbones=backbones, weights={b: "IMAGENET1K_V1" for b in backbones},
-                                         batch_size=32, device="cpu", decoder="torch", faces=mode)
-        config.out.unlink(missing_ok=True)
-        cpu, wall = time.process_time(), time.perf_counter()
-        summary = extract.run(config, log=lambda *_: None)
-        results[mode] = {"images": summary["written"], "images_per_s": summary["images_per_s"],
-                         "cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall}
+                link.symlink_to(target.resolve())  # a relative --work would leave the link dangling
+    runs = {"aligned": [], "detect": []}
+    for _ in range(rounds):
+        for mode, data in (("aligned", crop_dir), ("detect", scene_dir)):
+            config = extract.FeaturizeConfig(data_dir=data, out=folder / f"speed_{mode}_{'_'.join(backbones)}.h5",
+                                             backbones=backbones, weights={b: "IMAGENET1K_V1" for b in backbones},
+                                             batch_size=32, device="cpu", decoder="torch", faces=mode)
+            config.out.unlink(missing_ok=True)
+            cpu, wall = time.process_time(), time.perf_counter()
+            summary = extract.run(config, log=lambda *_: None)
+            runs[mode].append({"images": summary["written"], "images_per_s": summary["images_per_s"],
+                               "cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall})
+    results = {mode: {key: float(np.median([r[key] for r in done])) for key in done[0]} for mode, done in runs.items()}
+    results["cpu_ratios"] = [d["cpu_s"] / a["cpu_s"] for a, d in zip(runs["aligned"], runs["detect"])]
     return results
 
 
@@ -304,6 +310,8 @@ def main() -> None:
                              "picture also at faces.TTA_ZOOMS sides.")
     parser.add_argument("--head-weights", default="", help="NAME=FILE for a head made with local weights.")
     parser.add_argument("--speed-images", type=int, default=48, help="Scenes featurized for the speed numbers.")
+    parser.add_argument("--speed-rounds", type=int, default=1,
+                        help="Interleaved featurize runs per mode; the table shows the medians.")
     parser.add_argument("--speed-backbones", default="mobilenet_v2;mobilenet_v2,resnet50,efficientnet_b0",
                         help="Backbone sets timed, separated by ';'. Empty: skip the speed part.")
     parser.add_argument("--work", type=Path, help="Folder for the scenes (default: a temporary one).")
@@ -377,14 +385,17 @@ def main() -> None:
 
     sets = [tuple(s.split(",")) for s in args.speed_backbones.split(";") if s.strip()]
     if sets:
-        print("\n| backbones | images | aligned crops: img/s | CPU s | detect in scenes: img/s | CPU s "
-              "| detection adds (CPU) |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print(f"\nfeaturize, median of {args.speed_rounds} interleaved round(s)\n")
+        print("| backbones | images | aligned crops: img/s | CPU s | detect in scenes: img/s | CPU s "
+              "| detection adds (CPU) | per round |")
+        print("|---|---:|---:|---:|---:|---:|---:|---|")
         for backbones in sets:
-            speed = featurize_speed(scenes, args.speed_images, backbones, work)
+            speed = featurize_speed(scenes, args.speed_images, backbones, work, args.speed_rounds)
             a, b = speed["aligned"], speed["detect"]
-            print(f"| {'+'.join(backbones)} | {b['images']} | {a['images_per_s']:.1f} | {a['cpu_s']:.1f} "
-                  f"| {b['images_per_s']:.1f} | {b['cpu_s']:.1f} | {100 * (b['cpu_s'] / a['cpu_s'] - 1):+.0f}% |")
+            per_round = ", ".join(f"{100 * (r - 1):+.0f}%" for r in speed["cpu_ratios"])
+            print(f"| {'+'.join(backbones)} | {b['images']:.0f} | {a['images_per_s']:.1f} | {a['cpu_s']:.1f} "
+                  f"| {b['images_per_s']:.1f} | {b['cpu_s']:.1f} | {100 * (b['cpu_s'] / a['cpu_s'] - 1):+.0f}% "
+                  f"| {per_round} |")
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def make_decoder(backend: str = "auto", device: str = "auto", batch_size: int = 
                            "(pip install nvidia-dali-cuda120); or use backend 'torch'")
     chosen_device = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available())
                                  else "cpu")
-    threads = num_threads or _usable_cpus()
+    threads = num_threads or usable_cpus()
     if backend == "dali" or (backend == "auto" and dali_available()):
         return DaliDecoder(chosen_device, batch_size, threads, max_pixels=max_pixels)
     return TorchDecoder(chosen_device, threads, max_pixels=max_pixels)
@@ -183,7 +183,7 @@ def _concat(views: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.cat(views) if views else _no_views(device)
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):  # Linux: honours container and taskset limits
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1

@@ -21,11 +21,17 @@ the compute record. The face record of every kept picture comes back in
 
 Face detection runs inside decode(), which featurize calls from its
 prefetch thread, so it overlaps the backbones' forward pass on the batch before.
+The pictures of a batch are located in parallel, one worker per usable core,
+each with one intra-op thread (single_threaded_workers): MTCNN's many small
+operations gain little from intra-op threads, and their waiting threads spin
+on CPU the backbones need.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -34,8 +40,8 @@ import numpy as np
 import torch
 
 from .constants import IMAGE_SIZE
-from .decode import DecodedBatch, read_checked, resize_normalize, with_mirror
-from .faces import FaceHint, FaceMode, align_face, choose_face
+from .decode import DecodedBatch, read_checked, resize_normalize, usable_cpus, with_mirror
+from .faces import AlignedFace, FaceHint, FaceMode, align_face, choose_face
 from .image_checks import DEFAULT_MAX_PIXELS
 
 NO_FACE = "no face found"
@@ -124,22 +130,18 @@ class FaceCropDecoder:
             from .dali_pixels import DaliPixels
 
             self._dali = DaliPixels(self.device, batch_size, num_threads)
+        self._workers = single_threaded_workers(usable_cpus())
 
     def decode(self, paths: Sequence[str | Path]) -> FaceBatch:
         positions, encoded, reasons = read_checked(paths)
         kept, crops = [], []
         columns = face_columns(len(positions))
-        for position, data in zip(positions, encoded):
-            rgb = decode_rgb(data)
-            if isinstance(rgb, str):
-                reasons[position] = rgb
+        hints = [self.hints.get(str(paths[position])) for position in positions]
+        for position, found in zip(positions, self._workers.map(self._one_face, encoded, hints)):
+            if isinstance(found, str):
+                reasons[position] = found
                 continue
-            hint = self.hints.get(str(paths[position]))
-            faces = self.mode.locate(rgb, hint)
-            if not faces:
-                reasons[position] = NO_GIVEN_FACE if self.mode.name == "box" else NO_FACE
-                continue
-            aligned = align_face(rgb, faces[choose_face(faces, hint)])
+            aligned, faces = found
             row = len(kept)
             columns["box"][row] = aligned.face.box
             columns["landmarks"][row] = aligned.face.landmarks
@@ -158,6 +160,41 @@ class FaceCropDecoder:
         failures = [(str(paths[position]), reasons[position]) for position in sorted(reasons)]
         extra = {"fallbacks": []} if "fallbacks" in {f.name for f in dataclasses.fields(DecodedBatch)} else {}
         return FaceBatch(views=views, kept=kept, failures=failures, faces=columns, **extra)
+
+    def _one_face(self, data: np.ndarray, hint: FaceHint | None) -> tuple[AlignedFace, list] | str:
+        """(the face kept, cut out; every face found), or why the picture has none to give."""
+        rgb = decode_rgb(data)
+        if isinstance(rgb, str):
+            return rgb
+        faces = self.mode.locate(rgb, hint)
+        if not faces:
+            return NO_GIVEN_FACE if self.mode.name == "box" else NO_FACE
+        return align_face(rgb, faces[choose_face(faces, hint)]), faces
+
+
+def single_threaded_workers(count: int) -> ThreadPoolExecutor:
+    """A pool of `count` threads that each run PyTorch with one intra-op thread.
+
+    Under PyTorch's OpenMP backend (its Linux and Windows wheels) torch.set_num_threads sets the calling
+    thread's own OpenMP count, but also process-wide defaults: the count threads started later begin with,
+    and MKL's and the pthreadpool's. So every worker is started now, and the caller's count is then set
+    again: the caller, and threads started later, keep what they had. With another backend the setting
+    would be process-wide, and the workers keep the default.
+    """
+    threads = torch.get_num_threads()
+    openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    started = threading.Barrier(count + 1)
+    pool = ThreadPoolExecutor(count, thread_name_prefix="faces", initializer=_one_torch_thread if openmp else None)
+    for _ in range(count):  # each waits for the others, so each runs on a thread of its own
+        pool.submit(started.wait)
+    started.wait()
+    torch.set_num_threads(threads)
+    return pool
+
+
+def _one_torch_thread() -> None:
+    torch.get_num_threads()  # PyTorch sets a thread's count from the process default on first use; let it now
+    torch.set_num_threads(1)
 
 
 @dataclass

@@ -10,7 +10,9 @@ the pipeline does not care where a face came from:
   whose box crosses the picture's edge (MTCNN stretches such boxes, and their
   landmarks come out wrong) is located again in its black-bordered
   neighbourhood, and a picture without a face is searched once more inside
-  a black border.
+  a black border. Each face found then gets a close-up look: MTCNN's last
+  network reads its landmarks again from a level square around it, plain and
+  mirrored, so that a face is framed alike whatever its size and tilt.
 * `box`     - a box and/or eye points given with the labels (a CSV's
   x,y,w,h or eye columns) say where the face is.
 
@@ -67,6 +69,22 @@ NO_FACE_BORDER = 0.25
 # resampled so that the box is about EDGE_FACE_SIDE pixels (MtcnnFaces._again_inside_border).
 EDGE_REGION = 2.0
 EDGE_FACE_SIDE = 64
+# Close-up look (MtcnnFaces._look_closer): MTCNN's last network (O-Net) reads each face's landmarks again
+# from a level ONET_SIZE square where our framing puts MTCNN's face box, plain and mirrored, averaged,
+# CLOSE_UP_ROUNDS times. MTCNN's first landmarks jitter with the face's size, position and tilt (its
+# boxes come from a coarse pyramid and are not turned with the face): over five pastes of each of the 96
+# sample crops, the cut-out square's centre spread 0.44 px instead of 2.2, its side 0.6% instead of 2.4%
+# and its angle 0.22 instead of 1.24 degrees, for ~3.5 ms per face (benchmarks/face_close_up.py).
+CLOSE_UP_ROUNDS = 2
+ONET_SIZE = 48  # O-Net's input side
+# MTCNN finds faces of min_face_size pixels by first scaling the picture by PNET_WINDOW / min_face_size
+# (its first network sees 12x12 windows), with area interpolation, then shrinking further level by level.
+# MtcnnFaces._detect makes that first shrink itself with an antialiased resize and lets MTCNN start at
+# scale 1, so the whole pyramid is built from the smaller picture: on 300 scenes the same 300/300 faces
+# and no false positive, 45 instead of 56 ms per 640x480 scene on one thread.
+PNET_WINDOW = 12
+# MTCNN's landmark order seen in a mirror: the eyes swap, and so do the mouth corners.
+MIRRORED_LANDMARKS = [1, 0, 2, 4, 3]
 
 
 @dataclass
@@ -169,21 +187,25 @@ class MtcnnFaces:
     name = "detect"
 
     def __init__(self, min_face_size: int = 20, thresholds=(0.6, 0.7, 0.7), factor: float = 0.709,
-                 max_side: int = 1024, min_score: float = 0.9, device: str | torch.device = "cpu"):
+                 max_side: int = 1024, min_score: float = 0.9, close_up: bool = True,
+                 device: str | torch.device = "cpu"):
         try:
             from facenet_pytorch import MTCNN
         except ImportError as err:  # pragma: no cover - a dependency of the package
             raise RuntimeError("--faces detect needs facenet-pytorch (pip install facenet-pytorch==2.5.3)") from err
         self.min_face_size, self.thresholds, self.factor = min_face_size, tuple(thresholds), factor
-        self.max_side, self.min_score = max_side, min_score
-        self._mtcnn = MTCNN(min_face_size=min_face_size, thresholds=list(thresholds), factor=factor,
-                            keep_all=True, select_largest=True, post_process=False, device=torch.device(device))
+        self.max_side, self.min_score, self.close_up = max_side, min_score, close_up
+        self._mtcnn = channels_last(MTCNN(min_face_size=min(min_face_size, PNET_WINDOW), thresholds=list(thresholds),
+                                          factor=factor, keep_all=True, select_largest=True, post_process=False,
+                                          device=torch.device(device)))
 
     def settings(self) -> dict:
         return {"mode": "detect", "detector": detector_id(), "min_face_size": self.min_face_size,
                 "thresholds": list(self.thresholds), "factor": self.factor, "max_side": self.max_side,
-                "min_score": self.min_score, "no_face_border": NO_FACE_BORDER,
+                "min_score": self.min_score, "first_shrink": "bilinear-antialias", "no_face_border": NO_FACE_BORDER,
                 "edge_faces": {"region": EDGE_REGION, "face_side": EDGE_FACE_SIDE},
+                "close_up": ({"network": "onet", "rounds": CLOSE_UP_ROUNDS, "mirrored": True}
+                             if self.close_up else None),
                 **framing_settings()}
 
     @torch.inference_mode()
@@ -206,13 +228,16 @@ class MtcnnFaces:
             faces = [Face(f.box - margin, f.landmarks - margin, f.score) for f in self._detect(bordered)]
         faces = [Face((f.box / scale).astype(np.float32), (f.landmarks / scale).astype(np.float32), f.score)
                  for f in faces]
+        if self.close_up:  # in the full picture: a shrunk one would lose the detail it looks for
+            faces = [self._look_closer(rgb, face) for face in faces]
         return sorted(faces, key=lambda f: -f.area)
 
     def _detect(self, picture: np.ndarray) -> list[Face]:
-        boxes, scores, points = self._mtcnn.detect(picture, landmarks=True)
+        scale = min(1.0, PNET_WINDOW / self.min_face_size)   # MTCNN's first pyramid level, made by us (PNET_WINDOW)
+        boxes, scores, points = self._mtcnn.detect(shrink(picture, scale) if scale < 1 else picture, landmarks=True)
         if boxes is None:
             return []
-        return [Face(np.asarray(b, np.float64), np.asarray(p, np.float64), float(s))
+        return [Face(np.asarray(b, np.float64) / scale, np.asarray(p, np.float64) / scale, float(s))
                 for b, s, p in zip(boxes, scores, points) if s >= self.min_score]
 
     def _again_inside_border(self, picture: np.ndarray, face: Face) -> Face:
@@ -229,6 +254,65 @@ class MtcnnFaces:
         best = min(found, key=lambda f: float(np.linalg.norm(f.centre - middle)))
         box = picture_points(to_picture, best.box.reshape(2, 2)).reshape(4)
         return Face(box, picture_points(to_picture, best.landmarks), best.score)
+
+    def _look_closer(self, picture: np.ndarray, face: Face) -> Face:
+        """The face with its landmarks read again by O-Net, CLOSE_UP_ROUNDS times: the mean of its landmarks
+        on a level square where our framing puts MTCNN's box and on that square's mirror image, mapped back
+        into the picture. The box and score stay those of the first look. A face framed from its box (no
+        usable eyes), or one whose square O-Net does not call a face with usable eyes, is returned as it was."""
+        for _ in range(CLOSE_UP_ROUNDS):
+            if not usable_eyes(face):
+                return face
+            to_picture = onet_square(face)
+            square = warp(picture, to_picture, ONET_SIZE)
+            pair = torch.from_numpy(np.stack([square, square[:, ::-1]])).permute(0, 3, 1, 2).float()
+            pair = (pair - 127.5) * 0.0078125  # MTCNN scales its networks' input so
+            _, points, probability = self._mtcnn.onet(pair.to(self._mtcnn.device))
+            if float(probability[:, 1].min()) < self.thresholds[2]:
+                return face
+            points = points.float().cpu().numpy().reshape(2, 2, 5).transpose(0, 2, 1) * ONET_SIZE  # [2, 5, (x, y)]
+            looks = [points[0], mirror_landmarks(points[1], ONET_SIZE)]
+            again = Face(face.box, picture_points(to_picture, np.mean(looks, 0)).astype(np.float32), face.score)
+            if not usable_eyes(again):
+                return face
+            face = again
+        return face
+
+
+def onet_square(face: Face) -> np.ndarray:
+    """[2, 3] crop->picture map of the ONET_SIZE square O-Net reads a face from: MTCNN's face box (made
+    square, as MTCNN feeds O-Net) where our framing from the eyes puts it (BOX_*), turned with the eyes."""
+    centre, side, angle, _ = crop_frame(face)
+    box_side = side / BOX_TO_SIDE
+    shift = -np.array(BOX_CENTRE_SHIFT) * box_side   # crop centre -> box centre, along the crop's axes
+    cos, sin = math.cos(angle), math.sin(angle)
+    box_centre = centre + np.array([cos * shift[0] - sin * shift[1], sin * shift[0] + cos * shift[1]])
+    return crop_to_picture(box_centre, box_side, angle, ONET_SIZE)
+
+
+class ChannelsLast(torch.nn.Module):
+    """One of MTCNN's three networks run on channels_last tensors, whose convolutions and max-pools have
+    faster CPU kernels: a 640x480 scene took 45 instead of 60 ms on one thread, landmarks within 0.005 px."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, pictures: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.network(pictures.contiguous(memory_format=torch.channels_last))
+        return tuple(output.contiguous() for output in outputs)
+
+
+def channels_last(mtcnn):
+    """facenet-pytorch's MTCNN with its P-, R- and O-Net wrapped in ChannelsLast."""
+    mtcnn.pnet, mtcnn.rnet, mtcnn.onet = (ChannelsLast(net) for net in (mtcnn.pnet, mtcnn.rnet, mtcnn.onet))
+    return mtcnn
+
+
+def mirror_landmarks(points: np.ndarray, width: float) -> np.ndarray:
+    """Landmarks found in a picture's mirror image, as landmarks of the picture itself (MTCNN's order)."""
+    points = np.asarray(points, np.float64)[MIRRORED_LANDMARKS]
+    return np.column_stack([width - points[:, 0], points[:, 1]])
 
 
 def crosses_edge(face: Face, shape: tuple[int, int]) -> bool:
