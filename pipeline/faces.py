@@ -284,9 +284,7 @@ def onet_square(face: Face) -> np.ndarray:
     square, as MTCNN feeds O-Net) where our framing from the eyes puts it (BOX_*), turned with the eyes."""
     centre, side, angle, _ = crop_frame(face)
     box_side = side / BOX_TO_SIDE
-    shift = -np.array(BOX_CENTRE_SHIFT) * box_side   # crop centre -> box centre, along the crop's axes
-    cos, sin = math.cos(angle), math.sin(angle)
-    box_centre = centre + np.array([cos * shift[0] - sin * shift[1], sin * shift[0] + cos * shift[1]])
+    box_centre = centre + along_axes(-np.array(BOX_CENTRE_SHIFT) * box_side, angle)  # crop centre -> box centre
     return crop_to_picture(box_centre, box_side, angle, ONET_SIZE)
 
 
@@ -378,15 +376,19 @@ def crop_frame(face: Face) -> tuple[np.ndarray, float, float, str]:
         side = EYE_SPAN_TO_SIDE * float(np.linalg.norm(span_vector))
         middle = (left + right) / 2
         # The eye midpoint sits at EYE_MIDPOINT of the crop; walk to the crop centre along the crop's axes.
-        offset = np.array([0.5 - EYE_MIDPOINT[0], 0.5 - EYE_MIDPOINT[1]]) * side
-        cos, sin = math.cos(angle), math.sin(angle)
-        centre = middle + np.array([cos * offset[0] - sin * offset[1], sin * offset[0] + cos * offset[1]])
+        centre = middle + along_axes(np.array([0.5 - EYE_MIDPOINT[0], 0.5 - EYE_MIDPOINT[1]]) * side, angle)
         return centre, side, angle, "eyes"
     box = face.box.astype(np.float64)
     width, height = box[2] - box[0], box[3] - box[1]
     centre = np.array([(box[0] + box[2]) / 2 + BOX_CENTRE_SHIFT[0] * width,
                        (box[1] + box[3]) / 2 + BOX_CENTRE_SHIFT[1] * height])
     return centre, BOX_TO_SIDE * height, 0.0, "box"
+
+
+def along_axes(offset: np.ndarray, angle: float) -> np.ndarray:
+    """An (x, y) offset in a square turned by `angle` radians, as a picture-coordinate offset."""
+    cos, sin = math.cos(angle), math.sin(angle)
+    return np.array([cos * offset[0] - sin * offset[1], sin * offset[0] + cos * offset[1]])
 
 
 def crop_to_picture(centre: np.ndarray, side: float, angle: float, size: int = CROP_SIZE) -> np.ndarray:
