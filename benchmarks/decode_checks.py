@@ -8,8 +8,8 @@
             its default: the difference in decoded levels and after resize + normalization;
   rebuild   DALI CPU pipeline: build time, first run after a build vs a warm run (8 files).
 
-    python benchmarks/decode_checks.py                 # 1000 files for checks, 512 for chroma
-    python benchmarks/decode_checks.py --data /path/to/UTKFace --files 200
+    python -m benchmarks.decode_checks                 # 1000 files for checks, 512 for chroma
+    python -m benchmarks.decode_checks --data /path/to/UTKFace --files 200
 
 Prints Markdown tables, with the machine, torch version and git commit.
 """
@@ -24,12 +24,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from machine_info import machine  # noqa: E402
-
-from pipeline.image_checks import checked_header, parse_header  # noqa: E402
+from benchmarks.machine_info import machine
+from pipeline.images.checks import checked_header, parse_header
 
 
 def old_end_marker_check(data: np.ndarray) -> bool:
@@ -60,7 +57,7 @@ def checks_table(paths: list[Path]) -> None:
 def chroma_table(paths: list[Path]) -> None:
     import simplejpeg
 
-    from pipeline.decode import preprocess_rgb
+    from pipeline.images.views import preprocess_rgb
 
     worst_level, maxima, means = 0, [], []
     for path in paths:
@@ -78,7 +75,7 @@ def chroma_table(paths: list[Path]) -> None:
 
 
 def rebuild_table(paths: list[Path]) -> None:
-    from pipeline.decode import build_dali_pipeline, dali_available
+    from pipeline.images.dali_decoder import build_dali_pipeline, dali_available
 
     if not dali_available():
         print("\n(no DALI: rebuild cost not measured)")

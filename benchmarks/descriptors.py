@@ -10,21 +10,19 @@ On the same decoded images (plain + mirrored views), per backbone:
     (float16, 256-row chunks, store._create_datasets), per image and scaled to
     the 23,708 UTKFace crops.
 
-    TORCH_HOME=../shared/torch python benchmarks/descriptors.py --images 128
+    TORCH_HOME=../shared/torch python -m benchmarks.descriptors --images 128
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from machine_info import machine  # noqa: E402
+from benchmarks.machine_info import machine
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "utkface"
 UTKFACE_IMAGES = 23_708
@@ -44,12 +42,13 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from pipeline import descriptors as desc
-    from pipeline.backbones import get_spec
-    from pipeline.dataset import find_images
-    from pipeline.decode import make_decoder
-    from pipeline.extract import BackboneRunner
-    from pipeline.store import _create_datasets, dataset_path
+    from pipeline.backbones import descriptors as desc
+    from pipeline.backbones.descriptors import dataset_path
+    from pipeline.backbones.registry import get_spec
+    from pipeline.features.extract import BackboneRunner
+    from pipeline.features.writer import _create_datasets
+    from pipeline.images.decoders import make_decoder
+    from pipeline.ingest.dataset import find_images
 
     info = machine()
     files = find_images(args.data)[: args.images]

@@ -9,8 +9,8 @@ thread does beside the forward, so settings that fight it for the cores show.
 Reports the median images/s over the rounds (an image = its 2 views) and the
 largest feature difference from torch.
 
-    python benchmarks/engines.py                       # ImageNet weights when TORCH_HOME is set
-    python benchmarks/engines.py --with-decode --threads 1,2
+    python -m benchmarks.engines                       # ImageNet weights when TORCH_HOME is set
+    python -m benchmarks.engines --with-decode --threads 1,2
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from machine_info import machine  # noqa: E402
+from benchmarks.machine_info import machine
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "utkface"
 
@@ -53,7 +52,7 @@ def variants(backbone, args):
     """{label: callable(np.ndarray [N, 3, S, S]) -> {output: array}} for one backbone."""
     import onnxruntime as ort
 
-    from pipeline.onnx_export import exported_model
+    from pipeline.backbones.onnx_export import exported_model
 
     path, _ = exported_model(backbone, ort.__version__, log=lambda *_: None)
     found = {}
@@ -84,7 +83,7 @@ def variants(backbone, args):
 
 
 def decode_forever(files, stop: threading.Event, counter: list) -> None:
-    from pipeline.decode import make_decoder
+    from pipeline.images.decoders import make_decoder
 
     decoder = make_decoder("auto", "cpu", 64)
     while not stop.is_set():
@@ -104,9 +103,9 @@ def main() -> None:
     parser.add_argument("--with-decode", action="store_true")
     args = parser.parse_args()
 
-    from pipeline.backbones import create_backbone, fuse_conv_bn
-    from pipeline.dataset import find_images
-    from pipeline.decode import make_decoder
+    from pipeline.backbones.registry import create_backbone, fuse_conv_bn
+    from pipeline.images.decoders import make_decoder
+    from pipeline.ingest.dataset import find_images
 
     files = [str(f) for f in find_images(args.data)[:args.images]]
     views = make_decoder("torch", "cpu", len(files)).decode(files).views

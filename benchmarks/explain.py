@@ -8,8 +8,8 @@ For each backbone:
             maps, overlay PNGs written; the share of the load in the total shows
             that a folder is one load, not one per image.
 
-    python benchmarks/explain.py                          # 32 UTKFace images, CPU, all three backbones
-    python benchmarks/explain.py --backbones mobilenet_v2 --batch-sizes 1,16 --images 100
+    python -m benchmarks.explain                          # 32 UTKFace images, CPU, all three backbones
+    python -m benchmarks.explain --backbones mobilenet_v2 --batch-sizes 1,16 --images 100
 
 Weights: ImageNet (TORCH_HOME=../shared/torch is set when that folder exists),
 else --weights none (random init; the speed is the same, except that random
@@ -27,14 +27,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared"
 if (SHARED / "torch").is_dir():
     os.environ.setdefault("TORCH_HOME", str(SHARED / "torch"))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from machine_info import machine  # noqa: E402
+import numpy as np
+import torch
+
+from benchmarks.machine_info import machine
 
 
 def pick_images(data: Path | None, count: int, folder: Path) -> list[Path]:
@@ -57,10 +57,11 @@ def pick_images(data: Path | None, count: int, folder: Path) -> list[Path]:
 
 def head_checkpoint(name: str, weights: str, folder: Path) -> Path:
     """A random head with the meta of a real one: the speed does not depend on its values."""
-    from pipeline.backbones import get_spec, resolve_weights_id
+    from pipeline.backbones.registry import get_spec, resolve_weights_id
     from pipeline.constants import DEFAULT_GROUP_EDGES, group_names
-    from pipeline.extract import PREPROCESSING
-    from pipeline.heads import AgeHead, save_checkpoint
+    from pipeline.features.extract import PREPROCESSING
+    from pipeline.heads.checkpoint import save_checkpoint
+    from pipeline.heads.model import AgeHead
 
     width = get_spec(name).feature_width
     return save_checkpoint(folder / f"head_{name}", AgeHead(width), {
@@ -82,9 +83,9 @@ def rate(fn, batches: list[torch.Tensor], repeats: int) -> float:
 
 
 def bench_backbone(name: str, args, pictures: list[np.ndarray], paths: list[Path], work: Path) -> dict:
-    from pipeline.cam import grad_cam
-    from pipeline.explain_job import ExplainConfig, explain_images, to_model_input
-    from pipeline.full_model import load_full_model
+    from pipeline.explain.cam import grad_cam
+    from pipeline.explain.job import ExplainConfig, explain_images, to_model_input
+    from pipeline.inference.full_model import load_full_model
 
     checkpoint = head_checkpoint(name, args.weights, work)
     started = time.perf_counter()
@@ -124,7 +125,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of N passes over the images")
     args = parser.parse_args()
 
-    from pipeline.explain_job import read_pictures
+    from pipeline.explain.job import read_pictures
 
     info = machine()
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,8 +10,8 @@ picture. Less spread means the two sides of a scene-vs-crop comparison are cut
 out alike. The detector's CPU time per scene is measured in interleaved rounds
 on one thread (median round).
 
-    python benchmarks/face_close_up.py                  # the 96 sample crops
-    python benchmarks/face_close_up.py --crops 12 --rounds 3
+    python -m benchmarks.face_close_up                  # the 96 sample crops
+    python -m benchmarks.face_close_up --crops 12 --rounds 3
 
 Prints a Markdown table with the machine and commit.
 """
@@ -24,12 +24,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # tests/scenes.py: pasting with a known transform
 
-import numpy as np  # noqa: E402
-from machine_info import machine  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
+
+from benchmarks.machine_info import machine
 
 PASTES = [((320, 240), 80, 0.0), ((200, 180), 120, 18.0), ((420, 260), 170, -12.0),
           ((300, 240), 230, 6.0), ((250, 250), 100, -22.0)]   # (centre, side px, tilt degrees)
@@ -38,9 +37,8 @@ PASTES = [((320, 240), 80, 0.0), ((200, 180), 120, 18.0), ((420, 260), 170, -12.
 def framing_spread(detector, crops: list[np.ndarray]) -> tuple[np.ndarray, int]:
     """Mean over crops of the spread (std) of the cut-out square's centre (px), log side and angle
     (degrees) over PASTES, in the original crop's frame; and how many pastes were missed."""
-    from scenes import background, crop_geometry, paste
-
-    from pipeline.faces import CROP_SIZE, align_face
+    from pipeline.faces.detect import CROP_SIZE, align_face
+    from tests.support.scenes import background, crop_geometry, paste
 
     spreads, missed = [], 0
     for crop in crops:
@@ -77,9 +75,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from scenes import background, paste
 
-    from pipeline.faces import MtcnnFaces
+    from pipeline.faces.detect import MtcnnFaces
+    from tests.support.scenes import background, paste
 
     torch.set_num_threads(1)  # as featurize's face workers run it
     files = sorted(args.data.glob("*.jpg"))[:args.crops]

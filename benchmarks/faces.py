@@ -19,10 +19,10 @@ Reports:
   speed      featurize images/s and process CPU seconds with --faces detect on the
              scenes against --faces aligned on the same faces' original crops.
 
-    TORCH_HOME=../shared/torch python benchmarks/faces.py --head HEAD_DIR --scenes 150
-    python benchmarks/faces.py --head HEAD_DIR --exclude train_files.txt   # crops the head never saw
-    python benchmarks/faces.py --head A --head B --crop-faces aligned,detect --tta both --speed-backbones ""
-    python benchmarks/faces.py --scenes 200 --speed-images 128 --speed-rounds 5    # featurize speed, medians
+    TORCH_HOME=../shared/torch python -m benchmarks.faces --head HEAD_DIR --scenes 150
+    python -m benchmarks.faces --head HEAD_DIR --exclude train_files.txt   # crops the head never saw
+    python -m benchmarks.faces --head A --head B --crop-faces aligned,detect --tta both --speed-backbones ""
+    python -m benchmarks.faces --scenes 200 --speed-images 128 --speed-rounds 5    # featurize speed, medians
 
 Prints Markdown tables with the machine and commit.
 """
@@ -39,15 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # tests/scenes.py: pasting with a known transform
 SHARED = REPO.parent / "shared"
 if (SHARED / "torch").is_dir():
     os.environ.setdefault("TORCH_HOME", str(SHARED / "torch"))
 
-import numpy as np  # noqa: E402
-from machine_info import machine  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
+
+from benchmarks.machine_info import machine
 
 
 @dataclass
@@ -58,7 +57,7 @@ class Scene:
 
 def make_scenes(files: list[Path], count: int, seed: int, folder: Path) -> list[Scene]:
     """`count` scenes: every 10th without a face, every 10th (offset 5) with two, the rest with one."""
-    from scenes import background, paste
+    from tests.support.scenes import background, paste
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -107,10 +106,10 @@ def matches(face, paste_map) -> bool:
 
 def detection_and_alignment(scenes: list[Scene]) -> dict:
     import torch
-    from scenes import crop_geometry
 
-    from pipeline.face_crops import decode_rgb
-    from pipeline.faces import CROP_SIZE, align_face, make_face_mode
+    from pipeline.faces.crops import decode_rgb
+    from pipeline.faces.detect import CROP_SIZE, align_face, make_face_mode
+    from tests.support.scenes import crop_geometry
 
     detector = make_face_mode("detect")
     threads = torch.get_num_threads()
@@ -174,10 +173,9 @@ def crop_inputs(chosen: dict, crop_modes: tuple[str, ...]) -> dict:
     finds none), the original mirrored, and the original re-cut 1:1 (pasted unscaled into a bigger
     picture, detected and aligned: only the framing differs from the original). Faces cut out of a
     picture are (picture, faces.AlignedFace) pairs, so TTA can cut them out again (predict's zooms)."""
-    from scenes import background
-
-    from pipeline.decode import load_rgb
-    from pipeline.faces import align_face, choose_face, make_face_mode
+    from pipeline.faces.detect import align_face, choose_face, make_face_mode
+    from pipeline.images.views import load_rgb
+    from tests.support.scenes import background
 
     detector = make_face_mode("detect")
     files, scene_crops, sides = [], [], []
@@ -213,8 +211,8 @@ def head_groups(head: Path, inputs: dict, weights: dict, tta: bool) -> dict:
     through predict's face_probabilities (with TTA also its zoomed cut-outs)."""
     import torch
 
-    from pipeline.cli.predict import Predictor, face_probabilities
-    from pipeline.face_crops import crops_to_views
+    from pipeline.faces.crops import crops_to_views
+    from pipeline.inference.predictor import Predictor, face_probabilities
 
     predictor = Predictor([head], weights, device="cpu")
 
@@ -266,7 +264,7 @@ def featurize_speed(scenes: list[Scene], count: int, backbones: tuple[str, ...],
                     rounds: int = 1) -> dict:
     """--faces detect on `count` one-face scenes vs --faces aligned on their original crops: images/s and
     process CPU seconds, the median of `rounds` interleaved rounds (per round: the CPU ratio)."""
-    from pipeline import extract
+    from pipeline.features import extract
 
     picked = [s for s in scenes if len(s.pasted) == 1][:count]
     scene_dir, crop_dir = folder / "speed_scenes", folder / "speed_crops"

@@ -19,10 +19,10 @@ checked against PyTorch before any timing ("prepare"), as a first run would have
 done, so (a) and (c) time a later run: one that trusts the stored verdict and
 builds no PyTorch model (engine_cache.py).
 
-    python benchmarks/featurize.py                          # 128 UTKFace images, CPU, both engines
-    python benchmarks/featurize.py --per-backbone --modes a,c --no-double
-    python benchmarks/featurize.py --images 512 --device cuda --modes a,c --engines torch
-    python benchmarks/featurize.py --images 1024 --backbones mobilenet_v2 --modes a,c --no-double --rounds 7
+    python -m benchmarks.featurize                          # 128 UTKFace images, CPU, both engines
+    python -m benchmarks.featurize --per-backbone --modes a,c --no-double
+    python -m benchmarks.featurize --images 512 --device cuda --modes a,c --engines torch
+    python -m benchmarks.featurize --images 1024 --backbones mobilenet_v2 --modes a,c --no-double --rounds 7
 
 On a shared or virtual machine one run of each mode spreads by 10-20%; --rounds N
 runs every measurement N times, interleaved, and reports the run with the median
@@ -41,9 +41,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from machine_info import machine  # noqa: E402
+from benchmarks.machine_info import machine
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "utkface"
 ENGINE_LABEL = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime"}
@@ -51,7 +50,7 @@ ENGINE_LABEL = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime"}
 
 def pick_images(data: Path, count: int, folder: Path) -> Path:
     """A folder of `count` links to the first images of `data`, the same subset for every mode."""
-    from pipeline.dataset import find_images
+    from pipeline.ingest.dataset import find_images
 
     files = find_images(data)
     if len(files) < count:  # repeat a small folder (e.g. the sample) under new names
@@ -73,7 +72,7 @@ def _weights(args) -> dict:
 def mode_prepare(images: Path, args) -> dict:
     """Export the graphs into the cache (not timed): a first run pays this once."""
     from pipeline.device import resolve_device
-    from pipeline.extract import BackboneRunner
+    from pipeline.features.extract import BackboneRunner
 
     runner = BackboneRunner(args.backbones.split(","), _weights(args), resolve_device(args.device),
                             engine=args.engine, probe_files=sorted(images.iterdir())[:3], log=lambda *_: None)
@@ -81,7 +80,7 @@ def mode_prepare(images: Path, args) -> dict:
 
 
 def mode_ours(images: Path, args) -> dict:
-    from pipeline import extract
+    from pipeline.features import extract
 
     calls = []
     original = extract.BackboneRunner
@@ -113,7 +112,7 @@ def mode_seed(images: Path, args) -> dict:
     from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms
 
-    from pipeline.backbones import create_backbone
+    from pipeline.backbones.registry import create_backbone
     from pipeline.constants import IMAGENET_MEAN, IMAGENET_STD
 
     transform = transforms.Compose([transforms.Resize((224, 224)), transforms.RandomHorizontalFlip(),
@@ -145,9 +144,9 @@ def mode_seed(images: Path, args) -> dict:
 def mode_ceiling(images: Path, args) -> dict:
     import torch
 
-    from pipeline.decode import make_decoder
     from pipeline.device import resolve_device
-    from pipeline.extract import BackboneRunner
+    from pipeline.features.extract import BackboneRunner
+    from pipeline.images.decoders import make_decoder
 
     device = resolve_device(args.device)
     files = sorted(images.iterdir())

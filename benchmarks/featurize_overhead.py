@@ -9,7 +9,7 @@ loop's Python and the part files), the engine's other intra-op threads, DALI's
 workers (decode, resize, normalize), the prefetch thread (feeds DALI, copies its
 output out), and the file-check threads (read, header walk, strict libjpeg pass).
 
-    TORCH_HOME=../shared/torch nice python benchmarks/featurize_overhead.py --images 1024 --engine onnxruntime
+    TORCH_HOME=../shared/torch nice python -m benchmarks.featurize_overhead --images 1024 --engine onnxruntime
 """
 
 from __future__ import annotations
@@ -17,17 +17,15 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.append(str(REPO))   # after this folder: "featurize" below is benchmarks/featurize.py
 
-from featurize import DEFAULT_DATA, pick_images  # noqa: E402  (benchmarks/featurize.py)
-from machine_info import machine  # noqa: E402
+from benchmarks.featurize import DEFAULT_DATA, pick_images
+from benchmarks.machine_info import machine
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -56,11 +54,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
 
-    from pipeline import decode, extract
+    from pipeline.features import extract
+    from pipeline.images import dali_decoder, torch_decoder, views
 
     roles: dict[int, str] = {}   # thread id -> role, for the Python threads we can see
     marks = []                   # per forward: (thread CPU before, wall before, thread CPU after, wall after)
-    original_call, original_decode = extract.BackboneRunner.__call__, decode.read_checked
+    original_call, original_decode = extract.BackboneRunner.__call__, views.read_checked
 
     def timed_call(self, views):
         before = (thread_cpu(), time.perf_counter())
@@ -72,14 +71,15 @@ def main() -> None:
         roles.setdefault(threading.get_native_id(), "prefetch thread (feeds DALI, copies its output)")
         return original_decode(*a, **k)
 
-    original_read_one = decode._read_one
+    original_read_one = views._read_one
 
     def tagged_read_one(*a, **k):
         roles.setdefault(threading.get_native_id(), "file checks (read, header walk, strict libjpeg pass)")
         return original_read_one(*a, **k)
 
     extract.BackboneRunner.__call__ = timed_call
-    decode.read_checked, decode._read_one = tagged_read_checked, tagged_read_one
+    dali_decoder.read_checked = torch_decoder.read_checked = tagged_read_checked
+    views._read_one = tagged_read_one
     roles[threading.main_thread().native_id] = "main (engine intra-op thread 1, loop Python, part files)"
 
     with tempfile.TemporaryDirectory() as folder:

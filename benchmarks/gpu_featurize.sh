@@ -74,7 +74,7 @@ EOF
 
 if [ -z "${SKIP_SPEED:-}" ]; then
     echo "== speed: $N images, 3 backbones x 2 views"
-    "$PYTHON" benchmarks/featurize.py --images "$N" --data sample/utkface --device cuda \
+    "$PYTHON" -m benchmarks.featurize --images "$N" --data sample/utkface --device cuda \
         --decoder auto --modes a,c --weights none --batch-size 256 --no-double --json "$OUT/gpu_featurize.json"
 fi
 
@@ -128,6 +128,6 @@ if [ -z "${SKIP_TESTS:-}" ]; then
         echo "pytest is not installed for $PYTHON: GPU tests not run"; status=1
     fi
     echo "== train-head on the GPU (synthetic features of the real shapes)"
-    "$PYTHON" benchmarks/train_head.py --device cuda --no-seed | tee "$OUT/train_head_gpu.txt" || status=1
+    "$PYTHON" -m benchmarks.train_head --device cuda --no-seed | tee "$OUT/train_head_gpu.txt" || status=1
 fi
 exit "$status"

@@ -1,6 +1,6 @@
 """Ingest time per label source: the same images labelled by UTKFace names, by a CSV file and by class folders.
 
-    python benchmarks/ingest.py [DATA_DIR] [--limit N]
+    python -m benchmarks.ingest [DATA_DIR] [--limit N]
 
 Ingest (dataset.scan) lists the files, reads the labels, stats and hashes every
 file; it runs once per featurize job before any decoding. The CSV and the class
@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from machine_info import machine  # noqa: E402
-from pipeline.dataset import scan  # noqa: E402
-from pipeline.labels import ClassFolders, CsvLabels, make_csv_format  # noqa: E402
+from benchmarks.machine_info import machine
+from pipeline.ingest.dataset import scan
+from pipeline.ingest.labels import ClassFolders, CsvLabels, make_csv_format
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "utkface"
 

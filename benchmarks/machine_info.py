@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from pipeline.engine_cache import cpu_name  # noqa: E402  (the CPU model, as the ONNX verdicts record it)
+from pipeline.backbones.engine_cache import cpu_name
 
 
 def git_commit() -> str:

@@ -8,26 +8,22 @@ largest absolute difference, also relative to the largest |value|. These
 numbers set pipeline/verify.py's tolerances. On a GPU machine add
 `--device cuda` to measure the GPU paths themselves.
 
-    TORCH_HOME=../shared/torch python benchmarks/precision_twins.py --images 32
+    TORCH_HOME=../shared/torch python -m benchmarks.precision_twins --images 32
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from machine_info import machine  # noqa: E402
-
-from pipeline.decode import dali_available, make_decoder  # noqa: E402
-from pipeline.extract import BackboneRunner  # noqa: E402
+from benchmarks.machine_info import machine
+from pipeline.features.extract import BackboneRunner
+from pipeline.images.dali_decoder import dali_available
+from pipeline.images.decoders import make_decoder
 
 REPO = Path(__file__).resolve().parents[1]
 

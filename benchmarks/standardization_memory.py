@@ -10,7 +10,7 @@ table; we report the peak resident memory it added over the table itself
 table is built), its time, and how far the chunked statistics are from the
 one-shot float64 ones.
 
-    nice python benchmarks/standardization_memory.py --rows 2000 --width 35800
+    nice python -m benchmarks.standardization_memory --rows 2000 --width 35800
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from machine_info import machine  # noqa: E402
+from benchmarks.machine_info import machine
 
 
 def _status_kib(field: str) -> int:
@@ -39,7 +38,7 @@ def measure(method: str, rows: int, width: int) -> dict:
     """In this process: build the table, then compute the statistics one way; memory in MiB."""
     import torch
 
-    from pipeline.heads import chunked_mean_std
+    from pipeline.heads.data import chunked_mean_std
 
     torch.manual_seed(0)
     train = torch.rand(rows, 2, width).mul_(3).add_(1)

@@ -12,31 +12,30 @@ In one run, on this machine:
 Features are synthetic of the real shapes unless --features FILE (made by featurize) is given.
 Prints a Markdown table with the machine (CPU model, cores, torch version, git commit).
 
-    python benchmarks/train_head.py                       # ~2-3 minutes on a 2-core CPU
-    python benchmarks/train_head.py --features utk.h5 --backbones mobilenet_v2
-    python benchmarks/train_head.py --quick               # smaller, for a smoke test
-    python benchmarks/train_head.py --profile --backbones mobilenet_v2   # time per op of one epoch
+    python -m benchmarks.train_head                       # ~2-3 minutes on a 2-core CPU
+    python -m benchmarks.train_head --features utk.h5 --backbones mobilenet_v2
+    python -m benchmarks.train_head --quick               # smaller, for a smoke test
+    python -m benchmarks.train_head --profile --backbones mobilenet_v2   # time per op of one epoch
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from machine_info import machine  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-from pipeline.heads import HeadData, load_training_data  # noqa: E402
-from pipeline.sweep import HeadConfig, expand_grid, train_heads  # noqa: E402
+from benchmarks.machine_info import machine
+from pipeline.heads.config import HeadConfig, expand_grid
+from pipeline.heads.data import HeadData, load_training_data
+from pipeline.heads.training import train_heads
 
 WIDTHS = {"mobilenet_v2": 1280, "resnet50": 2048, "efficientnet_b0": 1280}
 # Full UTKFace: 23,708 images, 70/15/15.
@@ -152,7 +151,7 @@ def plain_loop(data: HeadData, epochs: int = 10, batch: int = 32, seed: int = 0)
 
 def seed_forward_seconds(names, images: int = 8) -> dict:
     """Seconds per image of a frozen backbone forward (random init; timing only), batch of `images`."""
-    from pipeline.backbones import create_backbone
+    from pipeline.backbones.registry import create_backbone
 
     out = {}
     x = torch.randn(images, 3, 224, 224)
@@ -230,7 +229,7 @@ def main(argv=None) -> None:
     sweep_n = 8 if args.quick else args.sweep_configs
     stacks = [int(k) for k in args.sweep_stacks.split(",") if k.strip()]
 
-    from pipeline.sweep import choose_threads
+    from pipeline.heads.training import choose_threads
 
     counts = sorted({1, torch.get_num_threads()}) if device.type == "cpu" else [torch.get_num_threads()]
     rates = matmul_rates(device, [WIDTHS.get(n, 1280) for n in names], counts)

@@ -1,18 +1,14 @@
 """Where and how the backbones compute: `--device auto|cpu|cuda` and one precision setting for every command.
 
-featurize, predict and explain all run the backbones inside `compute_precision`,
-so one image gets the same features from all three on the same device:
-
+featurize, predict and explain all run the backbones inside `compute_precision`, so one image gets the
+same features from all three on the same device:
     float32            plain float32; on CUDA with TF32 switched off, so it is real float32
     float16-autocast   torch.autocast float16 (the CUDA default: tensor cores, half the memory traffic)
     bfloat16-autocast  torch.autocast bfloat16
-
-`auto` means float32 on the CPU (autocast there changes features beyond float
-rounding and is not faster on CPUs without AMX) and float16-autocast on CUDA.
-TF32 is switched off inside the block on CUDA, whatever the caller set
-globally: under autocast the few float32 ops left (pooling, the head's
-softmax) then give the same numbers in all three commands, and a float32 run
-means float32.
+`auto` means float32 on the CPU (autocast there changes features beyond float rounding and is not faster
+on CPUs without AMX) and float16-autocast on CUDA. TF32 is switched off inside the block on CUDA, whatever
+the caller set globally, so the few float32 ops left under autocast give the same numbers in all three
+commands, and a float32 run means float32.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ $BIN/evaluate "$OUT"/heads/* --features "$OUT/features.h5" --split test --tta -o
 # Grad-CAM for the first test face of each age group, as a grid of backbones (the paper's Figure 4).
 mapfile -t faces < <($BIN/python - "$OUT/features.h5" "$DATA" <<'PY'
 import sys
-from pipeline.store import read_meta
+from pipeline.features.read import read_meta
 meta = read_meta(sys.argv[1])
 for group in range(4):
     rows = [i for i in range(len(meta["path"])) if meta["split"][i] == "test" and meta["group"][i] == group]

@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests/synthetic.py, tests/imagefactory.py
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-REAL_IMAGES = SHARED / "data" / "utkface"
-REAL_WEIGHTS = SHARED / "torch"
-
-
-def real_data_reason() -> str | None:
-    """Why the real-data tests cannot run here, or None when they can."""
-    if not REAL_IMAGES.is_dir():
-        return f"UTKFace not found at {REAL_IMAGES}"
-    torch_home = os.environ.get("TORCH_HOME")
-    if not torch_home or not (Path(torch_home) / "hub" / "checkpoints").is_dir():
-        return "TORCH_HOME is not set to a folder with hub/checkpoints (ImageNet weights)"
-    return None
+from tests.support.folders import face_like, write_utk_folder  # noqa: F401
+from tests.support.paths import (  # noqa: F401
+    REAL_IMAGES,
+    REAL_WEIGHTS,
+    REPO,
+    SHARED,
+    real_data_reason,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -69,29 +58,6 @@ def onnx_cache(tmp_path_factory):
         os.environ.pop("FROZEN_AGE_ONNX_CACHE", None)
     else:
         os.environ["FROZEN_AGE_ONNX_CACHE"] = saved
-
-
-def face_like(seed: int, size: int = 200) -> np.ndarray:
-    """A smooth random picture: a bright ellipse on a gradient, varied by seed."""
-    rng = np.random.default_rng(seed)
-    rows, cols = np.mgrid[0:size, 0:size] / size
-    base = np.stack([rows, cols, (rows + cols) / 2], axis=-1) * rng.uniform(40, 120, size=3)
-    cy, cx = rng.uniform(0.4, 0.6, size=2)
-    face = ((rows - cy) / 0.35) ** 2 + ((cols - cx) / 0.28) ** 2 < 1
-    base[face] += rng.uniform(80, 140, size=3)
-    base += rng.normal(0, 6, size=base.shape)
-    return np.clip(base, 0, 255).astype(np.uint8)
-
-
-def write_utk_folder(folder: Path, ages, start_seed: int = 0) -> list[Path]:
-    """JPEGs named like UTKFace crops, one per age, with distinct pictures."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, age in enumerate(ages):
-        path = folder / f"{age}_{i % 2}_{i % 5}_20170109{i:09d}.jpg.chip.jpg"
-        Image.fromarray(face_like(start_seed + i)).save(path, quality=92)
-        paths.append(path)
-    return paths
 
 
 @pytest.fixture

@@ -1,1 +1,1 @@
-"""Click commands. Each is a thin layer: parse options, call pipeline/, print."""
+"""The command-line layer: parse options, call the library, print. No library code lives here."""

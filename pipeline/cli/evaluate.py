@@ -18,10 +18,16 @@ from pathlib import Path
 
 import click
 
-from .. import figures
-from ..metrics import (N_BINS, FeatureInputs, comparison_markdown, ensemble_evaluation, evaluate_checkpoint,
-                       is_in_domain, terminal_table)
-from .exit_codes import finish, require_writable
+from pipeline.cli.exit_codes import finish, require_writable
+from pipeline.evaluation import figures
+from pipeline.evaluation.evaluate import (
+    FeatureInputs,
+    ensemble_evaluation,
+    evaluate_checkpoint,
+    is_in_domain,
+)
+from pipeline.evaluation.tables import comparison_markdown, terminal_table
+from pipeline.heads.calibration import N_BINS
 
 SPLIT_CHOICES = ["test", "val", "train", "all"]
 
@@ -65,7 +71,7 @@ def unique_names(paths: list[Path]) -> list[str]:
 
 
 def _load(path: Path):
-    from ..heads import load_checkpoint
+    from pipeline.heads.checkpoint import load_checkpoint
 
     if not path.exists():
         raise click.ClickException(f"checkpoint {path} does not exist")
@@ -118,7 +124,7 @@ def _dump(data, path: Path) -> None:
               help="Output folder.")
 def main(checkpoints, feature_files, split, cross_split, split_file, tta, ensemble, out):
     """Score head CHECKPOINTs on a split of FEATURES; write figures, a comparison table and JSON."""
-    from ..heads import HeadMismatch
+    from pipeline.heads.model import HeadMismatch
 
     checkpoints = [Path(p) for p in checkpoints]
     feature_files = [Path(p) for p in feature_files]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import click
 
-from ..cam import METHODS
-from .exit_codes import finish
-from .options import max_pixels_option, parse_weight_pairs, precision_option
+from pipeline.cli.exit_codes import finish
+from pipeline.cli.options import max_pixels_option, parse_weight_pairs, precision_option
+from pipeline.explain.cam import METHODS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,11 +63,10 @@ def main(inputs, checkpoints, out, target, method, save_npy, batch_size, device,
 
     With --report: OUT/report.md, report.json and deletion_curves.png.
     """
-    from ..backbones import WeightsUnavailable
-    from ..cam import CamError
-    from ..explain_job import ExplainConfig, explain_images
-    from ..full_model import RebuildError
-    from ..heads import CheckpointError, HeadMismatch
+    from pipeline.backbones.registry import RebuildError, WeightsUnavailable
+    from pipeline.explain.cam import CamError
+    from pipeline.explain.job import ExplainConfig, explain_images
+    from pipeline.heads.checkpoint import CheckpointError, HeadMismatch
 
     def warn(message: str) -> None:
         click.echo(message, err=True)
@@ -84,7 +83,7 @@ def main(inputs, checkpoints, out, target, method, save_npy, batch_size, device,
             if faces != "aligned":
                 raise click.UsageError("--report reads the feature file's pictures as aligned crops; "
                                        "--faces is for IMAGES")
-            from ..cam_report import ReportConfig, run_report
+            from pipeline.explain.report import ReportConfig, run_report
 
             result = run_report(ReportConfig(
                 checkpoints=list(checkpoints), features=features, data_dir=data_dir, out_dir=out, split=split,

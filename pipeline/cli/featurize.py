@@ -15,14 +15,24 @@ from pathlib import Path
 
 import click
 
-from ..backbones import DEFAULT_BACKBONES, DEFAULT_WEIGHTS, WeightsUnavailable, parse_backbones
-from ..engines import EngineUnavailable
-from ..dataset import parse_edges
-from ..descriptors import parse_descriptors
-from ..store import SettingsMismatch
-from .label_options import label_source_options
-from .exit_codes import finish, output_error, require_writable
-from .options import engine_option, max_pixels_option, parse_weight_pairs, precision_option
+from pipeline.backbones.descriptors import parse_descriptors
+from pipeline.backbones.engines import EngineUnavailable
+from pipeline.backbones.registry import (
+    DEFAULT_BACKBONES,
+    DEFAULT_WEIGHTS,
+    WeightsUnavailable,
+    parse_backbones,
+)
+from pipeline.cli.exit_codes import finish, output_error, require_writable
+from pipeline.cli.label_options import label_source_options
+from pipeline.cli.options import (
+    engine_option,
+    max_pixels_option,
+    parse_weight_pairs,
+    precision_option,
+)
+from pipeline.features.settings import SettingsMismatch
+from pipeline.ingest.dataset import parse_edges
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "sample" / "utkface"
 
@@ -104,7 +114,7 @@ def run_command(data_dir, data_opt, out, backbones, weights, batch_size, device,
     Interrupt at any moment and rerun the same command: it resumes. A finished
     file with the same settings is left alone.
     """
-    from .. import extract
+    from pipeline.features import extract
 
     if data_dir and data_opt and data_dir != data_opt:
         raise click.UsageError("give the data folder once, as DATA_DIR or --data")
@@ -145,7 +155,7 @@ def run_command(data_dir, data_opt, out, backbones, weights, batch_size, device,
 
 def _exit_for(summary: dict) -> None:
     """The exit-code rule (exit_codes.py): 1 when no image made it into the file, 3 when some were skipped."""
-    from ..store import file_summary
+    from pipeline.features.read import file_summary
 
     if summary["status"] == "already done":
         held = file_summary(summary["out"])
@@ -189,7 +199,7 @@ def _print_summary(summary: dict) -> None:
 
 def _print_compute(summary: dict) -> None:
     """How the numbers were computed, and the files a GPU decoder handed to the CPU (with reasons)."""
-    from .. import provenance
+    from pipeline.features import provenance
 
     compute = summary.get("compute")
     records = compute if isinstance(compute, list) else [compute] if compute else []
@@ -208,8 +218,8 @@ def _verify(features, data_dir, n: int, seed: int, weights=None, batch_size: int
     skip_faces (featurize --verify): a file of cut-out faces, which verify cannot check yet, is
     skipped with a warning instead of failing a run that wrote a good file.
     """
-    from ..store import read_settings
-    from ..verify import VerifyError, report_json, verify_file
+    from pipeline.features.read import read_settings
+    from pipeline.features.verify import VerifyError, report_json, verify_file
 
     faces = read_settings(features).get("faces") if skip_faces else None
     if faces:
@@ -230,7 +240,7 @@ def _verify(features, data_dir, n: int, seed: int, weights=None, batch_size: int
 
 
 def _combine(combine, files, out, allow_mixed: bool = False) -> dict:
-    """Run store.merge or store.join; what is wrong with the input files becomes a readable error."""
+    """Run combine.merge or combine.join; what is wrong with the input files becomes a readable error."""
     try:
         return combine(list(files), out, allow_mixed=allow_mixed)
     except (SettingsMismatch, ValueError, KeyError, OSError) as err:
@@ -244,7 +254,7 @@ def _combine(combine, files, out, allow_mixed: bool = False) -> dict:
                                                    "decoder, engine); the file records every row range.")
 def merge_command(shards, out, allow_mixed):
     """Join the files of a sharded run (--shard i/n) into one feature file."""
-    from ..store import merge
+    from pipeline.features.combine import merge
 
     result = _combine(merge, shards, out, allow_mixed)
     click.echo(f"merged {result['shards']} shards into {out}: {result['written']} images")
@@ -257,7 +267,7 @@ def merge_command(shards, out, allow_mixed):
                                                    "decoder, engine); the file records each one's ranges.")
 def join_command(files, out, allow_mixed):
     """Put the backbones of files over the same images (one featurize job per backbone) into one file."""
-    from ..store import join
+    from pipeline.features.combine import join
 
     result = _combine(join, files, out, allow_mixed)
     click.echo(f"joined {len(files)} files into {out}: {result['written']} images, "
@@ -280,7 +290,7 @@ def verify_command(features, data_dir, rows, seed, weights, batch_size, json_out
     of every stored output, and the decoded tensors' largest difference for the
     decoder the rows were computed with (when it runs here).
     """
-    from ..store import read_settings
+    from pipeline.features.read import read_settings
 
     overrides = None
     if weights:
@@ -295,8 +305,8 @@ def verify_command(features, data_dir, rows, seed, weights, batch_size, json_out
 @click.argument("features", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 def info_command(features):
     """Show what a feature file holds and the settings that made it."""
-    from ..store import file_summary, read_meta, read_settings
-    from ..dataset import split_counts
+    from pipeline.features.read import file_summary, read_meta, read_settings
+    from pipeline.ingest.dataset import split_counts
 
     try:
         summary, settings, meta = file_summary(features), read_settings(features), read_meta(features)
@@ -309,7 +319,7 @@ def info_command(features):
     click.echo(f"  splits: {split_counts(meta['split'])}  ({settings['split_source']})")
     click.echo(f"  group edges: {settings['group_edges']}  seed: {settings['seed']}  dtype: {settings['dtype']}")
     click.echo(f"  descriptors: {', '.join(settings.get('descriptors', [])) or 'none'}")
-    from ..labels import describe_label_source
+    from pipeline.ingest.labels import describe_label_source
 
     click.echo(f"  labels: {describe_label_source(settings)}"
                + (f"  (per-row {', '.join(c for c in ('subject', 'box', 'eyes') if c in meta)})"

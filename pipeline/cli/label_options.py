@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from ..labels import DELIMITERS, PRESETS, make_source
+from pipeline.ingest.labels import DELIMITERS, PRESETS, make_source
 
 
 def label_source_options(command):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..image_checks import DEFAULT_MAX_PIXELS
+from pipeline.images.checks import DEFAULT_MAX_PIXELS
 
 
 def parse_max_pixels(text: str) -> int | None:
@@ -29,7 +29,7 @@ def _max_pixels_callback(ctx, param, value):
 
 
 def max_pixels_option(command):
-    """--max-pixels: images above it are skipped with a reason before decoding (image_checks.py)."""
+    """--max-pixels: images above it are skipped with a reason before decoding (images/checks.py)."""
     return click.option(
         "--max-pixels", default=str(DEFAULT_MAX_PIXELS), show_default=True, callback=_max_pixels_callback,
         help="Skip (with a reason) images with more pixels than this, read from the header before decoding; "

@@ -11,17 +11,22 @@ accuracy) and OUT/results.csv (every configuration, best first); with
 
 from __future__ import annotations
 
-import csv
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
-from ..calibration import METHODS as CALIBRATION_METHODS
-from ..recipes import DEFAULT_RECIPE, RECIPES, help_text, missing_descriptor_message, recipe_options
-from .exit_codes import finish, output_error, require_writable
+from pipeline.cli.exit_codes import finish, output_error, require_writable
+from pipeline.features.read import read_settings
+from pipeline.heads.calibration import METHODS as CALIBRATION_METHODS
+from pipeline.heads.recipes import (
+    DEFAULT_RECIPE,
+    RECIPES,
+    help_text,
+    missing_descriptor_message,
+    recipe_options,
+)
 
 
 def _split_list(text: str, convert, name: str) -> list:
@@ -100,6 +105,28 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _describe_run(features_file, names, feature_kind, data, counts, split_file, started, device, workers, intra,
+                  recipe, overridden, n_configs) -> None:
+    import torch
+
+    counts = ", ".join(f"{k} {v}" for k, v in counts.items())
+    click.echo(f"{features_file}: {'+'.join(names)} {feature_kind} features, D={data.dim}; rows: {counts} "
+               f"(split from {split_file or 'the feature file'}); loaded in {time.perf_counter() - started:.1f} s")
+    on = device if device != "cpu" else (f"cpu, {workers} worker threads" if workers > 1
+                                         else f"cpu, {intra or torch.get_num_threads()} thread(s)")
+    if recipe != DEFAULT_RECIPE or overridden:
+        kept = f"; the command line overrides {', '.join(overridden)}" if overridden else ""
+        click.echo(f"recipe {recipe}: {' '.join(f'{k} {v}' for k, v in recipe_options(recipe).items())}{kept}")
+    click.echo(f"training {n_configs} configuration(s) on {on}")
+
+
+def _describe_calibration(c: dict, n_val: int) -> None:
+    click.echo(f"temperature scaling (best head): T = {c['temperature']:.4g}, fitted on the validation split "
+               f"({n_val} rows): ECE {100 * c['val_ece_before']:.2f}% -> "
+               f"{100 * c['val_ece_after']:.2f}%, NLL {c['val_nll_before']:.4f} -> {c['val_nll_after']:.4f} "
+               f"(accuracy unchanged)")
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("features_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--backbones", required=True,
@@ -158,16 +185,15 @@ def main(features_file, backbones, out, recipe, feature_kind, split_file, target
     the defaults. Comma-separated values in the recipe options
     (--lr 1e-3,3e-4 --dropout 0.3,0.5 --seed 0,1,2 ...) train every combination.
     """
-    import torch
 
-    from .. import store
-    from ..backbones import parse_backbones
-    from ..descriptors import kind_outputs
-    from ..heads import TARGETS
-    from ..device import resolve_device
-    from ..heads import HeadData, load_training_data, save_checkpoint
-    from ..sweep import (AGE_TARGETS, HeadConfig, expand_grid, missing_ages_message, result_meta, thread_plan,
-                         train_heads)
+    from pipeline.backbones.descriptors import kind_outputs
+    from pipeline.backbones.registry import parse_backbones
+    from pipeline.device import resolve_device
+    from pipeline.heads.data import HeadData, load_training_data
+    from pipeline.heads.model import TARGETS
+    from pipeline.heads.sweep import grid_configs, ranked, results_rows, save_sweep
+    from pipeline.heads.targets import AGE_TARGETS, missing_ages_message
+    from pipeline.heads.training import thread_plan, train_heads
 
     # The recipe fills in every option the command line left at its default.
     values, overridden = _with_recipe(click.get_current_context(), recipe)
@@ -207,10 +233,7 @@ def main(features_file, backbones, out, recipe, feature_kind, split_file, target
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--features") from None
     try:
-        configs = expand_grid(HeadConfig(), **grid)
-        # Only soft heads read --soft-sigma: the other targets are trained once, not once per sigma.
-        configs = list(dict.fromkeys(c if c.target == "soft" else replace(c, soft_sigma=grid["soft_sigma"][0])
-                                     for c in configs))
+        configs = grid_configs(grid)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
 
@@ -219,7 +242,7 @@ def main(features_file, backbones, out, recipe, feature_kind, split_file, target
     try:
         # A descriptor the file lacks is one line that says how to make it, before any feature is read.
         missing = missing_descriptor_message(features_file, feature_kind,
-                                             store.read_settings(features_file).get("descriptors"), names, recipe)
+                                             read_settings(features_file).get("descriptors"), names, recipe)
         if missing:
             raise click.ClickException(missing)
         loaded = load_training_data(features_file, names, feature_kind, split_file)
@@ -233,15 +256,8 @@ def main(features_file, backbones, out, recipe, feature_kind, split_file, target
             raise click.ClickException(missing_ages_message(target_name))
     workers, intra = thread_plan(data, configs, threads if threads == "auto" else int(threads))
     if not quiet:
-        counts = ", ".join(f"{k} {v}" for k, v in loaded.counts.items())
-        click.echo(f"{features_file}: {'+'.join(names)} {feature_kind} features, D={data.dim}; rows: {counts} "
-                   f"(split from {split_file or 'the feature file'}); loaded in {time.perf_counter() - started:.1f} s")
-        on = device if device != "cpu" else (f"cpu, {workers} worker threads" if workers > 1
-                                               else f"cpu, {intra or torch.get_num_threads()} thread(s)")
-        if recipe != DEFAULT_RECIPE or overridden:
-            kept = f"; the command line overrides {', '.join(overridden)}" if overridden else ""
-            click.echo(f"recipe {recipe}: {' '.join(f'{k} {v}' for k, v in recipe_options(recipe).items())}{kept}")
-        click.echo(f"training {len(configs)} configuration(s) on {on}")
+        _describe_run(features_file, names, feature_kind, data, loaded.counts, split_file, started, device, workers,
+                      intra, recipe, overridden, len(configs))
 
     started = time.perf_counter()
     results = train_heads(data, configs, max_stack=max_stack, keep=keep,
@@ -255,38 +271,11 @@ def main(features_file, backbones, out, recipe, feature_kind, split_file, target
     if len(diverged) == len(results):
         raise click.ClickException("training diverged in every configuration; no head was saved")
 
-    def rank_key(i):  # best validation accuracy first; lower validation loss breaks ties
-        best = results[i].history[results[i].best_epoch - 1]
-        return (-best["val_acc"], best["val_loss"])
-
-    order = sorted((i for i in range(len(results)) if i not in diverged), key=rank_key)
-    rows = []
-    for rank, i in enumerate(order, start=1):
-        rows.append({"rank": rank, "config": i, **results[i].row()})
+    order = ranked(results)
     best = results[order[0]]
-    columns = list(dict.fromkeys(key for row in rows for key in row))  # a target sweep: only age rows have val_mae
-
-    def checkpoint(result, rank):
-        """(head, meta) to save; with temperature scaling, the meta gains the validation ECE/NLL before and after."""
-        head = result.to_head(loaded.group_edges)
-        meta = result_meta(loaded, result, split_file, rank=rank, n_configs=len(configs), recipe=recipe)
-        if result.calibration != "off":
-            from ..metrics import calibration_summary  # scikit-learn's import is only worth it here
-
-            meta["calibration"].update(calibration_summary(head, data.val, data.val_group))
-        return head, meta
-
+    rows, columns = results_rows(results, order)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        best_head, best_meta = checkpoint(best, 1)
-        save_checkpoint(out, best_head, best_meta)
-        if save_all:
-            for rank, i in enumerate(order, start=1):
-                save_checkpoint(out / "runs" / f"{i:03d}", *checkpoint(results[i], rank))
-        with (out / "results.csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        best_meta = save_sweep(out, loaded, results, order, split_file, recipe, save_all)
     except OSError as err:
         raise output_error(out, err) from err
 
@@ -298,11 +287,7 @@ def main(features_file, backbones, out, recipe, feature_kind, split_file, target
         click.echo(f"kept epoch {best.best_epoch} (best validation accuracy)")
     click.echo(_format_table(rows, shown, limit=None if len(rows) <= 40 else 40))
     if not quiet and best.calibration != "off":
-        c = best_meta["calibration"]
-        click.echo(f"temperature scaling (best head): T = {c['temperature']:.4g}, fitted on the validation split "
-                   f"({len(data.val_group)} rows): ECE {100 * c['val_ece_before']:.2f}% -> "
-                   f"{100 * c['val_ece_after']:.2f}%, NLL {c['val_nll_before']:.4f} -> {c['val_nll_after']:.4f} "
-                   f"(accuracy unchanged)")
+        _describe_calibration(best_meta["calibration"], len(data.val_group))
     if not quiet:
         rate = len(configs) / elapsed if elapsed > 0 else float("inf")
         click.echo(f"trained {len(configs)} head(s) in {elapsed:.1f} s ({rate:.2f}/s); "

@@ -1,0 +1,1 @@
+"""Evaluation: metrics on cached features, comparison tables and figures."""

@@ -1,0 +1,1 @@
+"""Inference: a checkpoint's full model (backbones + head) rebuilt and run on pictures."""

@@ -1,0 +1,1 @@
+"""Ingest: label sources (UTKFace names, label files, class folders) -> checked, hashed records and splits."""
