@@ -140,11 +140,12 @@ def out_option(kind: str, help: str, **kwargs):
             return value
         text, path = str(value), Path(value)
         if kind == "file" and (path.is_dir() or text.endswith(("/", os.sep))):
-            raise click.BadParameter(f"{text} is a folder; {ctx.info_name} writes a FILE here", param_hint="-o/--out")
+            raise click.BadParameter(f"{text} is a folder; {ctx.find_root().info_name} writes a FILE here",
+                                     param_hint="-o/--out")
         if kind == "folder" and path.exists() and not path.is_dir():
-            raise click.BadParameter(f"{text} is a file; {ctx.info_name} writes a FOLDER here",
+            raise click.BadParameter(f"{text} is a file; {ctx.find_root().info_name} writes a FOLDER here",
                                      param_hint="-o/--out")
         return path
 
-    return click.option("-o", "--out", type=click.Path(path_type=Path), callback=check,
+    return click.option("-o", "--out", type=click.Path(), callback=check,  # a str: a trailing slash is kept
                         metavar=kind.upper(), help=help, **kwargs)
