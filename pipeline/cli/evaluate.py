@@ -1,13 +1,15 @@
 """`evaluate`: score trained heads on a split of a feature file; write figures, tables and JSON.
 
-    evaluate CHECKPOINT [CHECKPOINT...] --features FEATURES.h5 [--features OTHER.h5 ...]
+    evaluate -c HEAD [-c HEAD ...] -f FEATURES.h5 [-f OTHER.h5 ...]
              [--split test|val|train|all] [--cross-split SPLIT] [--split-file CSV] [--tta] [--ensemble] -o OUT/
 
 Writes OUT/<checkpoint>/{metrics.json, predictions.csv, confusion.png, curves.png, reliability.png},
 OUT/comparison.md (one row per checkpoint, the paper's Table 1 beside ours) and OUT/metrics.json (all numbers).
 With --ensemble, one more row, OUT/ensemble/, scores the mean of all the checkpoints' probabilities.
-Cross-dataset: with several --features files every head is scored on each (OUT/<head>@<file>/), and
+Cross-dataset: with several --feature-file files every head is scored on each (OUT/<head>@<file>/), and
 comparison.md marks each row in-domain (the head's own training data) or cross-domain.
+A head trained on other age groups than the file's (train-head --bins) is scored against the file's
+ages regrouped into its groups.
 """
 
 from __future__ import annotations
@@ -19,35 +21,39 @@ from pathlib import Path
 import click
 
 from pipeline.cli.exit_codes import finish, require_writable
-from pipeline.evaluation import figures
-from pipeline.evaluation.evaluate import (
-    FeatureInputs,
-    ensemble_evaluation,
-    evaluate_checkpoint,
-    is_in_domain,
-)
-from pipeline.evaluation.tables import comparison_markdown, terminal_table
-from pipeline.heads.calibration import N_BINS
+from pipeline.cli.options import AliasedCommand, out_option
+
+# numpy, torch, scikit-learn and matplotlib are imported when the command runs: --help answers at once.
 
 SPLIT_CHOICES = ["test", "val", "train", "all"]
 
-DEFINITIONS = {
-    "accuracy": "share of rows whose predicted group (argmax of the probabilities) is the true group",
-    "balanced_accuracy": "mean per-group recall over the groups present in the split (sklearn)",
-    "macro_f1": "unweighted mean of per-group F1 (sklearn, zero_division=0)",
-    "off_by_one": "share of rows with |predicted group - true group| <= 1",
-    "ece": f"expected calibration error, {N_BINS} equal-width bins of the top probability, (b/{N_BINS}, (b+1)/{N_BINS}]",
-    "mae": "mean absolute error in years of the predicted age (age-regression heads only, else null)",
-    "mean_age_error": "mean of predicted minus true age in years (age-regression heads only, else null)",
-    "tta": "if true, the plain and mirrored views' probabilities (and ages) are averaged",
-    "ensemble": "the mean of its members' probabilities (after TTA, if any); ages averaged if every member has one",
-    "calibration_temperature": "the head's post-hoc temperature T (train-head --calibrate temperature, fitted on "
-                               "validation): its probabilities are softmax(group scores / T); 1 = uncalibrated; "
-                               "null for an ensemble, whose members each use their own",
-    "domain": "in-domain: the head's own training data (same feature file, or the same rows, labels and splits); "
-              "cross-domain: another data set",
-    "mae_rows": "MAE and mean_age_error use only rows with a known age (rows labelled with a group only have age -1)",
-}
+
+def definitions() -> dict:
+    """What each number in metrics.json means."""
+    from pipeline.heads.calibration import N_BINS
+
+    return {
+        "accuracy": "share of rows whose predicted group (argmax of the probabilities) is the true group",
+        "balanced_accuracy": "mean per-group recall over the groups present in the split (sklearn)",
+        "macro_f1": "unweighted mean of per-group F1 (sklearn, zero_division=0)",
+        "off_by_one": "share of rows with |predicted group - true group| <= 1",
+        "ece": f"expected calibration error, {N_BINS} equal-width bins of the top probability, "
+               f"(b/{N_BINS}, (b+1)/{N_BINS}]",
+        "mae": "mean absolute error in years of the predicted age (age-regression heads only, else null)",
+        "mean_age_error": "mean of predicted minus true age in years (age-regression heads only, else null)",
+        "tta": "if true, the plain and mirrored views' probabilities (and ages) are averaged",
+        "ensemble": "the mean of its members' probabilities (after TTA, if any); ages averaged if every member has "
+                    "one",
+        "calibration_temperature": "the head's post-hoc temperature T (train-head --calibrate temperature, fitted "
+                                   "on validation): its probabilities are softmax(group scores / T); 1 = "
+                                   "uncalibrated; null for an ensemble, whose members each use their own",
+        "domain": "in-domain: the head's own training data (same feature file, or the same rows, labels and "
+                  "splits); cross-domain: another data set",
+        "mae_rows": "MAE and mean_age_error use only rows with a known age (rows labelled with a group only have "
+                    "age -1)",
+        "group_edges": "the head's age groups (inclusive upper ages); when they differ from the feature file's, "
+                       "the true groups are the file's ages regrouped into them",
+    }
 
 
 def unique_names(paths: list[Path]) -> list[str]:
@@ -103,12 +109,17 @@ def _dump(data, path: Path) -> None:
     path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--features", "feature_files", required=True, multiple=True, type=click.Path(path_type=Path),
-              help="Feature file made by featurize (the heads' backbones, weights, preprocessing, face handling and "
-                   "groups must match). Give it several times to score each head on several data sets "
-                   "(cross-dataset evaluation; comparison.md puts the rows side by side).")
+# One release of grace for the old spellings: --features FILE and the checkpoints as positional arguments.
+@click.command(cls=AliasedCommand, aliases={"--features": "--feature-file"}, hidden_arguments=("legacy_checkpoints",),
+               context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("legacy_checkpoints", nargs=-1, type=click.Path(path_type=Path))
+@click.option("-c", "--checkpoint", "checkpoints", multiple=True, type=click.Path(path_type=Path), metavar="DIR",
+              help="Head checkpoint folder (made by train-head). Repeat to score several heads side by side.")
+@click.option("-f", "--feature-file", "feature_files", required=True, multiple=True,
+              type=click.Path(path_type=Path), metavar="FILE",
+              help="Feature file made by featurize (the heads' backbones, weights, preprocessing and face handling "
+                   "must match; other age groups are regrouped from its ages). Repeat to score each head on "
+                   "several data sets (cross-dataset evaluation; comparison.md puts the rows side by side).")
 @click.option("--split", type=click.Choice(SPLIT_CHOICES), default="test", show_default=True,
               help="Which rows to score; 'all' scores every row of the file (e.g. another data set).")
 @click.option("--cross-split", type=click.Choice(SPLIT_CHOICES),
@@ -120,19 +131,30 @@ def _dump(data, path: Path) -> None:
 @click.option("--ensemble", is_flag=True,
               help="Also score the mean of all the checkpoints' probabilities, as one more row named 'ensemble' "
                    "(e.g. heads of several seeds or backbones; choose its members on --split val).")
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path, file_okay=False),
-              help="Output folder.")
-def main(checkpoints, feature_files, split, cross_split, split_file, tta, ensemble, out):
-    """Score head CHECKPOINTs on a split of FEATURES; write figures, a comparison table and JSON."""
-    from pipeline.heads.model import HeadMismatch
+@out_option("folder", required=True,
+            help="Output FOLDER: comparison.md, metrics.json and one folder of figures per head.")
+def main(legacy_checkpoints, checkpoints, feature_files, split, cross_split, split_file, tta, ensemble, out):
+    """Score head checkpoints (-c) on a split of a feature file (-f); write figures, a comparison table and JSON.
 
-    checkpoints = [Path(p) for p in checkpoints]
+    \b
+    evaluate -c heads/mobilenet_v2 -c heads/resnet50 -f features.h5 -o eval/
+    """
+    checkpoints = [Path(p) for p in (*legacy_checkpoints, *checkpoints)]
+    if not checkpoints:
+        raise click.UsageError("give at least one head checkpoint: -c/--checkpoint DIR")
     feature_files = [Path(p) for p in feature_files]
     if ensemble and len(checkpoints) < 2:
         raise click.ClickException("--ensemble needs at least two checkpoints")
     if split_file is not None and not split_file.is_file():
         raise click.ClickException(f"split file {split_file} does not exist")
     require_writable(out)  # a read-only output folder is one line, before any work
+
+    from pipeline.evaluation import figures
+    from pipeline.evaluation.evaluate import FeatureInputs, ensemble_evaluation, evaluate_checkpoint, is_in_domain
+    from pipeline.evaluation.tables import comparison_markdown, terminal_table
+    from pipeline.heads.model import HeadMismatch
+    from pipeline.heads.regroup import RegroupError, inputs_in_bins
+
     all_inputs = []
     for features in feature_files:
         try:
@@ -140,14 +162,23 @@ def main(checkpoints, feature_files, split, cross_split, split_file, tta, ensemb
         except (OSError, ValueError, KeyError) as err:
             raise click.ClickException(str(err)) from err
 
-    # Load and check every checkpoint against every feature file before writing anything.
+    # Load and check every checkpoint against every feature file before writing anything. A head trained on
+    # other age groups (train-head --bins) sees the file's ages regrouped into its own groups.
     loaded = [_load(path) for path in checkpoints]
-    for inputs in all_inputs:
-        for path, checkpoint in zip(checkpoints, loaded):
+    views = {}
+    for f, inputs in enumerate(all_inputs):
+        for h, (path, checkpoint) in enumerate(zip(checkpoints, loaded)):
             try:
-                checkpoint.check_compatible(inputs.settings)
+                views[f, h] = inputs_in_bins(inputs, checkpoint.meta["group_edges"])
+                checkpoint.check_compatible(views[f, h].settings)
+            except RegroupError as err:
+                raise click.ClickException(f"checkpoint {path}: {err}") from err
             except HeadMismatch as err:
                 raise click.ClickException(f"checkpoint {path} does not fit feature file {inputs.path}:\n{err}") from err
+    regrouped = [loaded[h] for (f, h), view in views.items() if view is not all_inputs[f]]
+    for groups in dict.fromkeys(tuple(checkpoint.meta["class_names"]) for checkpoint in regrouped):
+        click.echo(f"note: heads with age groups {', '.join(groups)} are scored against the file's ages regrouped "
+                   f"into those groups", err=True)
 
     head_names = unique_names(checkpoints)
     ensemble_name = None
@@ -158,13 +189,14 @@ def main(checkpoints, feature_files, split, cross_split, split_file, tta, ensemb
     # One feature file: OUT/<head>/ as always; several: OUT/<head>@<file>/, rows of one head side by side.
     file_names = unique_names(feature_files) if len(feature_files) > 1 else [None]
     by_file = []
-    for inputs, file_name in zip(all_inputs, file_names):
+    for f, (inputs, file_name) in enumerate(zip(all_inputs, file_names)):
         found = []
-        for name, path, checkpoint in zip(head_names, checkpoints, loaded):
-            used_split = split if cross_split is None or is_in_domain(checkpoint.meta, inputs) else cross_split
+        for h, (name, path, checkpoint) in enumerate(zip(head_names, checkpoints, loaded)):
+            view = views[f, h]
+            used_split = split if cross_split is None or is_in_domain(checkpoint.meta, view) else cross_split
             label = name if file_name is None else f"{name}@{file_name}"
             try:
-                found.append(evaluate_checkpoint(checkpoint, label, path, inputs, used_split, split_file, tta))
+                found.append(evaluate_checkpoint(checkpoint, label, path, view, used_split, split_file, tta))
             except ValueError as err:
                 raise click.ClickException(f"{path} on {inputs.path}: {err}") from err
         if ensemble:
@@ -187,7 +219,7 @@ def main(checkpoints, feature_files, split, cross_split, split_file, tta, ensemb
         "split_file": None if split_file is None else str(split_file),
         "tta": tta,
         "ensemble": ensemble,
-        "definitions": DEFINITIONS,
+        "definitions": definitions(),
         "checkpoints": {},
     }
     for ev in evaluations:

@@ -1,7 +1,7 @@
 """`explain`: Grad-CAM of the full model (frozen backbone + trained head) on demand, and the report.
 
     explain IMAGES_OR_FOLDER... -c HEAD [-c HEAD2 ...] -o OUT/       overlays (+ .npy), grid
-    explain --report --features F.h5 --data DATA_DIR -c HEAD -o OUT/  face focus + deletion table
+    explain --report -f F.h5 --data DATA_DIR -c HEAD -o OUT/          face focus + deletion table
 """
 
 from __future__ import annotations
@@ -11,20 +11,27 @@ from pathlib import Path
 import click
 
 from pipeline.cli.exit_codes import finish
-from pipeline.cli.options import max_pixels_option, parse_weight_pairs, precision_option
-from pipeline.explain.cam import METHODS
+from pipeline.cli.options import (
+    CAM_METHODS,
+    AliasedCommand,
+    max_pixels_option,
+    out_option,
+    parse_weight_pairs,
+    precision_option,
+)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+# One release of grace for the old spelling of --feature-file.
+@click.command(cls=AliasedCommand, aliases={"--features": "--feature-file"},
+               context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, metavar="[IMAGES_OR_FOLDER]...", type=click.Path(path_type=Path))
 @click.option("-c", "--checkpoint", "checkpoints", multiple=True, required=True,
-              type=click.Path(path_type=Path, exists=True),
-              help="Head checkpoint (folder or file of the pair); repeat for several backbones.")
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path, file_okay=False),
-              help="Output folder.")
+              type=click.Path(path_type=Path, exists=True), metavar="DIR",
+              help="Head checkpoint folder (made by train-head); repeat for several backbones.")
+@out_option("folder", required=True, help="Output FOLDER: overlays, grid, explanations.csv (or the report).")
 @click.option("--target", default="predicted", show_default=True,
               help="Group to explain: 'predicted', a group name such as 26-50, or its index.")
-@click.option("--method", type=click.Choice(list(METHODS)), default="gradcam", show_default=True,
+@click.option("--method", type=click.Choice(list(CAM_METHODS)), default="gradcam", show_default=True,
               help="gradcam is computed here (raw maps); the others come from pytorch-grad-cam "
                    "(maps min-max normalized per image).")
 @click.option("--save-npy", is_flag=True, help="Also save each raw map, at the picture's resolution, as .npy.")
@@ -35,8 +42,8 @@ from pipeline.explain.cam import METHODS
 @click.option("--grid-rows", default=20, show_default=True, type=click.IntRange(1),
               help="Images shown in the grid figure (several checkpoints).")
 @click.option("--report", is_flag=True, help="Measure face focus and deletion faithfulness over a split.")
-@click.option("--features", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="--report: the feature file the heads were trained on.")
+@click.option("-f", "--feature-file", "features", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              metavar="FILE", help="--report: the feature file the heads were trained on.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="--report: image folder; meta/path in the feature file is relative to it.")
 @click.option("--split", default="test", show_default=True, help="--report: split to measure.")
@@ -77,7 +84,7 @@ def main(inputs, checkpoints, out, target, method, save_npy, batch_size, device,
             if inputs:
                 raise click.UsageError("--report measures a split of the feature file; give no IMAGES")
             if features is None or data_dir is None:
-                raise click.UsageError("--report needs --features FEATURES.h5 and --data DATA_DIR")
+                raise click.UsageError("--report needs -f/--feature-file FEATURES.h5 and --data DATA_DIR")
             if target != "predicted":
                 raise click.UsageError("--report explains the predicted group; leave --target out")
             if faces != "aligned":

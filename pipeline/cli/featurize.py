@@ -15,44 +15,52 @@ from pathlib import Path
 
 import click
 
-from pipeline.backbones.descriptors import parse_descriptors
-from pipeline.backbones.engines import EngineUnavailable
-from pipeline.backbones.registry import (
-    DEFAULT_BACKBONES,
-    DEFAULT_WEIGHTS,
-    WeightsUnavailable,
-    parse_backbones,
-)
 from pipeline.cli.exit_codes import finish, output_error, require_writable
 from pipeline.cli.label_options import label_source_options
 from pipeline.cli.options import (
+    BACKBONE_NAMES,
+    DEFAULT_WEIGHTS,
     engine_option,
     max_pixels_option,
+    out_option,
     parse_weight_pairs,
     precision_option,
 )
-from pipeline.features.settings import SettingsMismatch
 from pipeline.ingest.dataset import parse_edges
 
+# torch, torchvision and the backbones are imported where a command runs, so that --help answers at once.
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "sample" / "utkface"
 
 
 class DefaultCommandGroup(click.Group):
-    """A group that runs `run` when the first argument is not a subcommand name."""
+    """A group that runs `run` when the first argument is not a subcommand name; its --help shows run's options."""
 
     def parse_args(self, ctx, args):
         if not args or args[0] not in self.commands and args[0] not in ("--help", "-h"):
             args = ["run", *args]
         return super().parse_args(ctx, args)
 
+    def format_usage(self, ctx, formatter):
+        formatter.write_usage(ctx.command_path, "[DATA_DIR] [OPTIONS]")
+        formatter.write_usage(ctx.command_path, "COMMAND [ARGS]...", prefix="   or: ")
+
+    def format_options(self, ctx, formatter):
+        run = self.commands["run"]
+        run_ctx = click.Context(run, info_name=ctx.info_name, parent=ctx.parent)
+        records = [r for p in run.get_params(run_ctx) if (r := p.get_help_record(run_ctx)) is not None]
+        with formatter.section("Options"):
+            formatter.write_dl(records)
+        self.format_commands(ctx, formatter)
+
 
 @click.group(cls=DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
-    """Cache pooled features of frozen ImageNet backbones for UTKFace-style face images.
+    """Cache pooled features of frozen ImageNet backbones for face images.
 
     Each image is decoded once; its plain and mirrored views go through every
-    backbone; the pooled features land in one HDF5 file. Run `featurize run -h`
-    for the options of the main command (also used when no subcommand is named).
+    backbone; the pooled features land in one HDF5 file. With no command name,
+    `featurize [DATA_DIR] [OPTIONS]` runs the main job (the options below);
+    the commands join, check and describe feature files.
     """
 
 
@@ -67,9 +75,9 @@ def _parse_weights(text: str, backbones: tuple[str, ...]) -> dict[str, str | Non
 @click.argument("data_dir", required=False, type=click.Path(path_type=Path, file_okay=False))
 @click.option("--data", "data_opt", type=click.Path(path_type=Path, file_okay=False),
               help="Same as DATA_DIR. Default: the 96-image sample shipped in sample/utkface.")
-@click.option("-o", "--out", type=click.Path(path_type=Path, dir_okay=False), default=Path("features.h5"),
-              show_default=True, help="Feature file to write (with --shard: one file per shard).")
-@click.option("--backbones", default=",".join(DEFAULT_BACKBONES), show_default=True,
+@out_option("file", default="features.h5", show_default=True,
+            help="Feature FILE to write (.h5; with --shard: one file per shard).")
+@click.option("--backbones", default=",".join(BACKBONE_NAMES), show_default=True,
               help="Comma-separated backbone names.")
 @click.option("--weights", default=DEFAULT_WEIGHTS, show_default=True,
               help="Weights enum name for all backbones, 'none' for random init, or "
@@ -114,7 +122,11 @@ def run_command(data_dir, data_opt, out, backbones, weights, batch_size, device,
     Interrupt at any moment and rerun the same command: it resumes. A finished
     file with the same settings is left alone.
     """
+    from pipeline.backbones.descriptors import parse_descriptors
+    from pipeline.backbones.engines import EngineUnavailable
+    from pipeline.backbones.registry import WeightsUnavailable, parse_backbones
     from pipeline.features import extract
+    from pipeline.features.settings import SettingsMismatch
 
     if data_dir and data_opt and data_dir != data_opt:
         raise click.UsageError("give the data folder once, as DATA_DIR or --data")
@@ -149,8 +161,6 @@ def run_command(data_dir, data_opt, out, backbones, weights, batch_size, device,
         _verify(summary["out"], data_dir, verify_rows, seed=0, weights=config.weights, batch_size=batch_size,
                 skip_faces=True)
     _exit_for(summary)
-
-
 
 
 def _exit_for(summary: dict) -> None:
@@ -218,6 +228,7 @@ def _verify(features, data_dir, n: int, seed: int, weights=None, batch_size: int
     skip_faces (featurize --verify): a file of cut-out faces, which verify cannot check yet, is
     skipped with a warning instead of failing a run that wrote a good file.
     """
+    from pipeline.backbones.registry import WeightsUnavailable
     from pipeline.features.read import read_settings
     from pipeline.features.verify import VerifyError, report_json, verify_file
 
@@ -241,6 +252,8 @@ def _verify(features, data_dir, n: int, seed: int, weights=None, batch_size: int
 
 def _combine(combine, files, out, allow_mixed: bool = False) -> dict:
     """Run combine.merge or combine.join; what is wrong with the input files becomes a readable error."""
+    from pipeline.features.settings import SettingsMismatch
+
     try:
         return combine(list(files), out, allow_mixed=allow_mixed)
     except (SettingsMismatch, ValueError, KeyError, OSError) as err:
@@ -249,7 +262,7 @@ def _combine(combine, files, out, allow_mixed: bool = False) -> dict:
 
 @main.command("merge", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
+@out_option("file", required=True, help="Feature FILE to write.")
 @click.option("--allow-mixed", is_flag=True, help="Accept shards computed in different ways (device, precision, "
                                                    "decoder, engine); the file records every row range.")
 def merge_command(shards, out, allow_mixed):
@@ -262,7 +275,7 @@ def merge_command(shards, out, allow_mixed):
 
 @main.command("join", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
+@out_option("file", required=True, help="Feature FILE to write.")
 @click.option("--allow-mixed", is_flag=True, help="Accept files computed in different ways (device, precision, "
                                                    "decoder, engine); the file records each one's ranges.")
 def join_command(files, out, allow_mixed):

@@ -20,7 +20,7 @@ def label_source_options(command):
                        "'age' or 'group' (index or range like 26-50); optional gender, race, split, subject, "
                        "x,y,w,h, left_eye_x,left_eye_y,right_eye_x,right_eye_y. A UTF-8 BOM is fine.")
     @click.option("--label-preset", type=click.Choice(sorted(PRESETS)),
-                  help="Column layout of a known dataset's label file (see README, Label sources).")
+                  help="Column layout of a known dataset's label file (see docs/featurize.md, Label sources).")
     @click.option("--label-columns",
                   help="Map fields to your columns: 'path=file_name,age=real_age'; without a header, fields by "
                        "position: 'path,age' or 'path,-,age' ('-' skips a column).")

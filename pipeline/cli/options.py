@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import click
 
 from pipeline.images.checks import DEFAULT_MAX_PIXELS
@@ -73,3 +76,76 @@ def engine_option(command):
         help="What runs the backbones' forward pass. auto: ONNX Runtime on the CPU when installed and the "
              "exported graph matches PyTorch (1.5-3.5x faster, same features up to float rounding), "
              "else PyTorch; always PyTorch on the GPU.")(command)
+
+
+# Names the options offer, known before any heavy module is imported (so that --help and usage errors stay
+# fast). tests/cli/test_fast_help.py checks each against the library's own list.
+BACKBONE_NAMES = ("mobilenet_v2", "resnet50", "efficientnet_b0")   # backbones.registry.DEFAULT_BACKBONES
+DEFAULT_WEIGHTS = "IMAGENET1K_V1"                                  # backbones.registry.DEFAULT_WEIGHTS
+CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "eigengradcam",
+               "scorecam")                                         # explain.cam.METHODS
+CALIBRATION_METHODS = ("off", "temperature")                       # heads.calibration.METHODS
+
+
+class AliasedCommand(click.Command):
+    """A command that still accepts old option spellings, hidden from --help, for one release.
+
+    aliases: {old spelling: new spelling}, e.g. {"--features": "--feature-file"}. The old
+    spelling is rewritten before parsing, so the new option sees the value as given on the
+    command line (a recipe does not override it).
+    """
+
+    def __init__(self, *args, aliases: dict[str, str] | None = None, hidden_arguments: tuple[str, ...] = (),
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.aliases = dict(aliases or {})
+        self.hidden_arguments = tuple(hidden_arguments)   # positional arguments left out of the usage line
+
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, rewrite_aliases(args, self.aliases))
+
+    def collect_usage_pieces(self, ctx):
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if not (isinstance(param, click.Argument) and param.name in self.hidden_arguments):
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+
+def rewrite_aliases(args: list[str], aliases: dict[str, str]) -> list[str]:
+    """Replace old option spellings ('--old' and '--old=value') by the new ones, up to a '--'."""
+    out, ended = [], False
+    for arg in args:
+        if not ended and arg == "--":
+            ended = True
+        elif not ended and arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            if name in aliases:
+                arg = aliases[name] + eq + value
+        out.append(arg)
+    return out
+
+
+def out_option(kind: str, help: str, **kwargs):
+    """-o/--out, documented and checked as a FILE or a FOLDER (kind), refused in one line when it is the other.
+
+    A file output is refused when the path is an existing folder or ends with a slash; a folder
+    output when the path is an existing file.
+    """
+    if kind not in ("file", "folder"):
+        raise ValueError(f"kind must be file or folder, not {kind!r}")
+
+    def check(ctx, param, value):
+        if value is None:
+            return value
+        text, path = str(value), Path(value)
+        if kind == "file" and (path.is_dir() or text.endswith(("/", os.sep))):
+            raise click.BadParameter(f"{text} is a folder; {ctx.find_root().info_name} writes a FILE here",
+                                     param_hint="-o/--out")
+        if kind == "folder" and path.exists() and not path.is_dir():
+            raise click.BadParameter(f"{text} is a file; {ctx.find_root().info_name} writes a FOLDER here",
+                                     param_hint="-o/--out")
+        return path
+
+    return click.option("-o", "--out", type=click.Path(), callback=check,  # a str: a trailing slash is kept
+                        metavar=kind.upper(), help=help, **kwargs)

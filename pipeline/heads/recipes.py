@@ -14,8 +14,6 @@ same parsing.
 
 from __future__ import annotations
 
-from pipeline.backbones.descriptors import kind_descriptors
-
 DEFAULT_RECIPE = "paper"
 
 _STRONG = {"--epochs": "40", "--weight-decay": "1e-4", "--schedule": "cosine", "--label-smoothing": "0.1",
@@ -24,7 +22,7 @@ _STRONG = {"--epochs": "40", "--weight-decay": "1e-4", "--schedule": "cosine", "
 RECIPES: dict[str, dict[str, str]] = {
     "paper": {},
     "strong": _STRONG,
-    "best": {**_STRONG, "--features": "both+stage_grid", "--target": "soft", "--label-smoothing": "0"},
+    "best": {**_STRONG, "--feature-kind": "both+stage_grid", "--target": "soft", "--label-smoothing": "0"},
 }
 
 
@@ -51,12 +49,14 @@ def missing_descriptor_message(feature_file, feature_kind: str, available, backb
 
     available: the descriptors the file holds (its settings["descriptors"]).
     """
+    from pipeline.backbones.descriptors import kind_descriptors  # imports torch: only when a head is trained
+
     missing = [d for d in kind_descriptors(feature_kind) if d not in set(available or ())]
     if not missing:
         return None
     it = "it" if len(missing) == 1 else "them"
-    source = f"--recipe {recipe} feeds the head --features {feature_kind}" if recipe != DEFAULT_RECIPE \
-        else f"--features {feature_kind} needs {it}"
+    source = f"--recipe {recipe} feeds the head --feature-kind {feature_kind}" if recipe != DEFAULT_RECIPE \
+        else f"--feature-kind {feature_kind} needs {it}"
     return (f"{feature_file} has no {' or '.join(missing)} descriptor ({source}); make a feature file that has "
             f"{it} with: featurize DATA_DIR -o FEATURES.h5 --backbones {','.join(backbones)} "
             f"--descriptors {','.join(missing)}")

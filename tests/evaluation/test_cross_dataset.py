@@ -128,7 +128,6 @@ def _edited_copy(source: Path, target: Path, **changes) -> Path:
 
 @pytest.mark.parametrize("changes, named", [
     ({"weights": {"mobilenet_v2": "IMAGENET1K_V1"}}, "weights of mobilenet_v2"),
-    ({"group_edges": [30, 60, 116]}, "group_edges (bins)"),
     ({"preprocessing": {"size": 256}}, "preprocessing"),
     ({"faces": {"mode": "detect", "detector": "mtcnn"}}, "face handling (--faces)"),
     ({"backbones": ["resnet50"], "weights": {"resnet50": "none"}}, "missing mobilenet_v2"),
@@ -140,6 +139,19 @@ def test_mismatched_feature_files_are_refused_naming_what_differs(two_datasets, 
                     "--split", "all", "-o", tmp_path / "out", ok=(1,))
     assert f"does not fit feature file {other}" in result.output and named in result.output
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_other_bins_without_ages_are_refused(two_datasets, tmp_path):
+    """A file on other bins is scored against its ages regrouped into the head's (tests/cli/test_bins.py);
+    one with rows labelled by a group only (age -1) cannot be regrouped, and is refused before any output."""
+    root = two_datasets
+    other = _edited_copy(root / "b.h5", tmp_path / "other.h5", group_edges=[30, 60, 116])
+    with h5py.File(other, "r+") as h5:
+        h5["meta/age"][0] = -1
+    result = invoke(evaluate_main, root / "head", "--features", root / "a.h5", "--features", other,
+                    "--split", "all", "-o", tmp_path / "out", ok=(1,))
+    assert str(other) in result.output and "labelled with a group only (stored age -1)" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_training_file_is_found_from_another_folder(two_datasets, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -336,10 +337,14 @@ def test_mismatched_checkpoint_and_features_are_refused(checkpoints, tmp_path):
     result = run(evaluate_main, [checkpoints["age"], "--features", only_mnv2, "-o", tmp_path / "o2"])
     assert result.exit_code == 1 and "missing resnet50" in result.output
 
+    # Other bins are scored against the file's ages regrouped into the head's groups (tests/cli/test_bins.py);
+    # a file with rows labelled by their group only (age -1) cannot be regrouped, and is refused.
     other_bins = make_feature_file(tmp_path / "bins.h5", n=60, widths=SMALL, backbones=("mobilenet_v2", "resnet50"),
                                    edges=(30, 60, 116))
+    with h5py.File(other_bins, "r+") as h5:
+        h5["meta/age"][0] = -1
     result = run(evaluate_main, [checkpoints["group"], "--features", other_bins, "-o", tmp_path / "o3"])
-    assert result.exit_code == 1 and "group_edges" in result.output
+    assert result.exit_code == 1 and "labelled with a group only" in result.output
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()  # nothing written
 
 

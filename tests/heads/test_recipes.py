@@ -65,7 +65,7 @@ def test_the_table_names_real_train_head_options_and_best_builds_on_strong():
     assert recipe_options("strong") == {"--epochs": "40", "--weight-decay": "1e-4", "--schedule": "cosine",
                                         "--label-smoothing": "0.1", "--standardize": "on", "--dropout": "0.5"}
     best = recipe_options("best")
-    assert best == {**recipe_options("strong"), "--features": "both+stage_grid", "--target": "soft",
+    assert best == {**recipe_options("strong"), "--feature-kind": "both+stage_grid", "--target": "soft",
                     "--label-smoothing": "0"}
     with pytest.raises(ValueError, match="unknown recipe 'fast'; choose from paper, strong, best"):
         recipe_options("fast")
