@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import sys
-from collections import Counter
 from pathlib import Path
 
 import click
@@ -33,6 +32,7 @@ from pipeline.cli.options import (
 )
 from pipeline.features.settings import SettingsMismatch
 from pipeline.ingest.dataset import parse_edges
+from pipeline.ingest.skips import skip_list_path, skip_summary, write_skip_list
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "sample" / "utkface"
 
@@ -188,13 +188,10 @@ def _print_summary(summary: dict) -> None:
         click.echo("splits: " + ", ".join(f"{k or 'unlisted'} {v}" for k, v in sorted(summary["splits"].items())))
     _print_compute(summary)
     skipped = summary["skipped"]
-    if skipped:
-        reasons = Counter(reason.split(":")[0] for _, reason in skipped)
-        click.echo(f"skipped {len(skipped)}: " + ", ".join(f"{n} {r}" for r, n in reasons.most_common()))
-        for path, reason in skipped[:10]:
-            click.echo(f"  {path}: {reason}")
-        if len(skipped) > 10:
-            click.echo(f"  ... and {len(skipped) - 10} more (see /skipped in the file)")
+    if skipped:  # grouped by kind of reason, a few examples each; every one in <out>.skipped.csv
+        click.echo("\n".join(skip_summary(skipped)))
+        click.echo(f"  all {len(skipped)} with their reasons: {write_skip_list(skip_list_path(summary['out']), skipped)}"
+                   f" (and /skipped in the file)")
 
 
 def _print_compute(summary: dict) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from pipeline import __version__
 from pipeline.backbones.descriptors import parse_descriptors
+from pipeline.backbones.weights_hash import weights_sha256
 from pipeline.backbones.registry import (
     create_backbone,
     fuse_conv_bn,
@@ -38,6 +39,7 @@ from pipeline.device import compute_precision, resolve_device, resolve_precision
 from pipeline.features import provenance
 from pipeline.features.parts import PartsFolder
 from pipeline.features.settings import (
+    WEIGHTS_SHA256,
     SettingsMismatch,
     fingerprint,
     settings_difference,
@@ -178,6 +180,9 @@ def make_plan(config: FeaturizeConfig) -> Plan:
     settings = {
         "backbones": list(config.backbones),
         "weights": {name: resolve_weights_id(name, config.weights.get(name)) for name in config.backbones},
+        # The bytes the weights come from (hashed once per file change): a checkpoint replaced under the
+        # same name in TORCH_HOME gives another fingerprint, and merge and join refuse to mix them.
+        WEIGHTS_SHA256: {name: weights_sha256(name, config.weights.get(name)) for name in config.backbones},
         "preprocessing": PREPROCESSING,
         "group_edges": list(config.group_edges),
         "seed": config.seed,

@@ -30,6 +30,7 @@ from pipeline.features.safe_io import (
     is_no_space,
     reserve_space,
 )
+from pipeline.features.read import META_DIGEST_ATTR, meta_digests
 from pipeline.features.settings import SettingsMismatch, fingerprint
 
 
@@ -101,6 +102,8 @@ def write_meta(h5: h5py.File, meta: dict[str, np.ndarray]) -> None:
             h5.create_dataset(f"meta/{column}", data=values.astype(np.float32))
         else:
             h5.create_dataset(f"meta/{column}", data=values.astype(np.int64))
+    # Digests of the columns as read back: read_meta, merge and verify refuse a file whose labels were edited.
+    h5["meta"].attrs[META_DIGEST_ATTR] = json.dumps(meta_digests(h5), sort_keys=True)
 
 
 def write_skipped(h5: h5py.File, skipped: list[tuple[str, str]]) -> None:

@@ -21,6 +21,7 @@ from pipeline.cli.train_head import main as train_head_cli
 from pipeline.evaluation.evaluate import cross_dataset_overlap
 from pipeline.features.read import read_features, read_meta
 from pipeline.heads.checkpoint import load_checkpoint
+from tests.support.synthetic import reseal
 from tests.support.folders import face_like, write_utk_folder
 
 
@@ -123,7 +124,7 @@ def _edited_copy(source: Path, target: Path, **changes) -> Path:
             else:
                 settings[key] = value
         h5.attrs["settings"] = json.dumps(settings, sort_keys=True)
-    return target
+    return reseal(target)   # a file featurized with those settings, not a hand-edited one
 
 
 @pytest.mark.parametrize("changes, named", [
