@@ -307,7 +307,7 @@ def info_command(features):
 
     try:
         summary, settings, meta = file_summary(features), read_settings(features), read_meta(features)
-    except ValueError as err:
+    except (ValueError, OSError) as err:   # OSError: a FIFO or device, named as such
         raise click.ClickException(str(err)) from err
     click.echo(f"{features}: {summary['rows']} images, {summary['skipped']} skipped, "
                f"{summary['bytes'] / 2**20:.1f} MiB, fingerprint {summary['fingerprint']}")

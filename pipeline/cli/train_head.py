@@ -19,6 +19,7 @@ from click.core import ParameterSource
 
 from pipeline.cli.exit_codes import finish, output_error, require_writable
 from pipeline.features.read import read_settings
+from pipeline.files import OutputConflict, check_output
 from pipeline.heads.calibration import METHODS as CALIBRATION_METHODS
 from pipeline.heads.recipes import (
     DEFAULT_RECIPE,
@@ -238,6 +239,10 @@ def main(features_file, backbones, out, recipe, feature_kind, split_file, target
         raise click.UsageError(str(err)) from None
 
     require_writable(out)
+    try:
+        check_output(out, [features_file], own_kind="a head checkpoint")   # never over a feature file
+    except OutputConflict as err:
+        raise click.ClickException(str(err)) from err
     started = time.perf_counter()
     try:
         # A descriptor the file lacks is one line that says how to make it, before any feature is read.
