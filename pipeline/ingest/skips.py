@@ -16,7 +16,7 @@ from pathlib import Path
 from pipeline.files import csv_cell, write_bytes_atomically
 
 _ORIGIN = re.compile(r"\s*\([^()]*\bline \d+\)$")
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
 def reason_kind(reason: str) -> str:
