@@ -504,5 +504,9 @@ def _compute_batch(runner: BackboneRunner, decoded, lo: int, batch_files: list[s
         # One array per output: features_<backbone>, stages_<backbone>, <descriptor>_<backbone>.
         for output, width in output_widths(get_spec(name), runner.descriptors).items():
             values = features[name][output] if len(decoded.kept) else np.zeros((0, 2, width))
+            if values.shape[1:] != (2, width):  # checked before the part is saved: no wrong batch to resume from
+                raise ValueError(f"{name} gave {output} {values.shape[-1]} wide, not {width}, on rows {lo}-"
+                                 f"{lo + len(batch_files)}; the engine's graph is not this backbone's "
+                                 f"(run with --engine torch, or delete the ONNX cache)")
             arrays[f"{output}_{name}"] = values.astype(dtype)
     return arrays

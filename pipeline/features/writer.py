@@ -184,6 +184,14 @@ def assemble(out_path: Path, parts: PartsFolder, meta: dict[str, np.ndarray], wi
     kept_rows, failed, fallbacks, ranges = [], [], [], []
     for part in parts.parts():
         with np.load(part.path) as batch:
+            for name, outputs in _output_widths(widths).items():
+                for output, width in outputs.items():
+                    found = batch[f"{output}_{name}"].shape if f"{output}_{name}" in batch.files else None
+                    if found is None or found[1:] != (2, width):
+                        raise SettingsMismatch(f"{part.path} holds {output} of {name} "
+                                               f"{'missing' if found is None else f'{found[-1]} wide'}, not {width}: "
+                                               f"made by another graph or version; delete {parts.folder} to "
+                                               f"compute every batch again")
             kept_rows.append(batch["rows"])
             failed += list(zip(batch["failed_rows"].tolist(), batch["failed_reasons"].tolist()))
             if "fallback_paths" in batch.files:  # files a GPU decoder handed to the CPU (extract.run)

@@ -113,3 +113,19 @@ def test_info_on_a_fifo_or_a_link_to_a_device_says_what_it_is(tmp_path, kind):
     assert result.exit_code == 1 and expected in result.output and "does not exist" not in result.output, \
         result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_features_of_other_widths_are_refused_before_a_batch_is_saved(utk_folder, tmp_path, monkeypatch, fast):
+    """An engine whose graph is another backbone's: one line, and no wrong batch left for a rerun to resume."""
+    from pipeline.features import extract
+
+    real = extract.BackboneRunner.__call__
+
+    def other_widths(self, views):
+        return {name: {k: v[..., :-8] for k, v in outputs.items()} for name, outputs in real(self, views).items()}
+    monkeypatch.setattr(extract.BackboneRunner, "__call__", other_widths)
+    result = invoke(utk_folder, "-o", tmp_path / "f.h5", *fast, "--engine", "torch", "--device", "cpu",
+                    "--decoder", "torch", "--batch-size", "4")
+    assert result.exit_code == 1 and "1272 wide, not 1280" in result.output, result.output
+    assert not list(tmp_path.glob("f.h5.parts/rows-*.npz")) and not (tmp_path / "f.h5").exists()
