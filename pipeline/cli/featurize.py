@@ -190,8 +190,8 @@ def _print_summary(summary: dict) -> None:
     skipped = summary["skipped"]
     if skipped:  # grouped by kind of reason, a few examples each; every one in <out>.skipped.csv
         click.echo("\n".join(skip_summary(skipped)))
-        click.echo(f"  all {len(skipped)} with their reasons: {write_skip_list(skip_list_path(summary['out']), skipped)}"
-                   f" (and /skipped in the file)")
+        listed = write_skip_list(skip_list_path(summary["out"]), skipped)
+        click.echo(f"  all {len(skipped)} with their reasons: {listed} (and /skipped in the file)")
 
 
 def _print_compute(summary: dict) -> None:
