@@ -101,7 +101,7 @@ def matching_pictures(paths: list[Path], digests) -> tuple[list[int], list[tuple
 def run_report(config: ReportConfig, log: Callable[[str], None] = print,
                warn: Callable[[str], None] = print) -> dict:
     started = time.time()
-    check_output(config.out_dir, [config.data_dir], folder=True)  # OutputConflict
+    check_output(config.out_dir, [config.features, *config.checkpoints])  # OutputConflict: not over an input
     device = resolve_device(config.device)
     settings = read_settings(config.features)
     meta = read_meta(config.features)
