@@ -4,9 +4,13 @@ Two small JSON files live beside a cached graph (onnx_export.py):
   <graph>.checked.json           the verdict that the graph passed the check against PyTorch
                                  (engines.verified_onnx_backbone); trusted only for the same graph bytes,
                                  ONNX Runtime version, CPU model and tolerance, else the check runs again.
+                                 It also names the weights' source the graph was checked against.
   <backbone>-<hash>.source.json  the shortcut from the weights' source (checkpoint sha256 or weights file
                                  id) to that graph, so a run opens it without building PyTorch; its key also
                                  holds the library versions, the outputs and a digest of the forward's code.
+A shortcut is followed only when the graph's own record (onnx_export.read_graph: name, export key, bytes)
+describes this backbone, weights id, outputs and versions, and its verdict names the same weights' source;
+an edited shortcut therefore cannot point a run at another checked graph.
 Both are written under a temporary name and renamed; an unreadable or mismatching file counts as absent,
 and a read-only cache only loses the saving.
 """
@@ -19,14 +23,12 @@ import platform
 import time
 from pathlib import Path
 
-import torch
-
 from pipeline.files import file_sha256
 
 VERDICT_SUFFIX = ".checked.json"   # beside the cached graph: it passed the check against PyTorch
-VERDICT_FORMAT = 1                 # bump when the check itself changes, so older verdicts are not trusted
+VERDICT_FORMAT = 2                 # bump when the check itself changes, so older verdicts are not trusted
 SHORTCUT_SUFFIX = ".source.json"
-SHORTCUT_FORMAT = 1
+SHORTCUT_FORMAT = 2
 
 
 def cpu_name() -> str:
@@ -66,7 +68,7 @@ def verdict_path(graph: Path) -> Path:
     return Path(graph).with_suffix(VERDICT_SUFFIX)
 
 
-def verdict_key(graph: Path, runtime_version: str, tolerance: float) -> dict:
+def verdict_key(graph: Path, runtime_version: str, tolerance: float, graph_sha256: str | None = None) -> dict:
     """What a stored verdict must match to be trusted: the graph's bytes, the runtime, the CPU and the check.
 
     The graph's file name already encodes its export key (backbone, weights
@@ -74,8 +76,9 @@ def verdict_key(graph: Path, runtime_version: str, tolerance: float) -> dict:
     file's sha256 guards against a graph replaced or damaged under that name.
     The CPU is in it because ONNX Runtime picks its kernels per instruction set,
     so a cache folder shared between machines is checked again on each kind.
+    graph_sha256: the digest onnx_export.read_graph computed of the bytes opened (hashed here when not given).
     """
-    return {"format": VERDICT_FORMAT, "graph": Path(graph).name, "graph_sha256": file_sha256(graph),
+    return {"format": VERDICT_FORMAT, "graph": Path(graph).name, "graph_sha256": graph_sha256 or file_sha256(graph),
             "onnxruntime": runtime_version, "cpu": cpu_name(), "tolerance": tolerance}
 
 
@@ -85,8 +88,10 @@ def recorded_verdict(graph: Path, key: dict) -> dict | None:
     return verdict if verdict is not None and verdict.get("key") == key else None
 
 
-def record_verdict(graph: Path, key: dict, difference: float, views: int) -> None:
+def record_verdict(graph: Path, key: dict, difference: float, views: int, source: str | None = None) -> None:
+    """source: the weights' source (weights_source) the graph was checked against, when known."""
     _write_json(verdict_path(graph), {"key": key, "max_abs_difference": difference, "views": views,
+                                      "weights_source": source,
                                       "checked": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
@@ -99,18 +104,19 @@ def weights_source(name: str, weights_id: str) -> str | None:
     Random init ("none") is seeded and the same in every process of one torch
     version; a weights file's id already holds a digest of its bytes
     (registry.weights_file_id); an ImageNet enum member is the checkpoint file
-    torchvision loads from TORCH_HOME, hashed here (far cheaper than building
-    and folding the model).
+    torchvision loads from TORCH_HOME, hashed once and remembered (weights_hash.py;
+    far cheaper than building and folding the model).
     """
     if weights_id == "none" or weights_id.startswith("file:"):
         return weights_id
     from pipeline.backbones.registry import get_spec
 
-    member = get_spec(name).weights_enum.__members__.get(weights_id)
-    if member is None:
+    if weights_id not in get_spec(name).weights_enum.__members__:
         return None
-    checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / Path(member.url).name
-    return f"{weights_id}:sha256={file_sha256(checkpoint)}" if checkpoint.is_file() else None
+    from pipeline.backbones.weights_hash import checkpoint_path, remembered_sha256
+
+    checkpoint = checkpoint_path(name, weights_id)
+    return f"{weights_id}:sha256={remembered_sha256(checkpoint)}" if checkpoint.is_file() else None
 
 
 def forward_code_digest() -> str:
@@ -159,6 +165,13 @@ def remembered_graph(key: dict, cache_dir: Path) -> Path | None:
         return None
     graph = Path(cache_dir) / Path(shortcut["graph"]).name
     return graph if graph.is_file() else None
+
+
+def graph_fits_shortcut(export_key: dict, key: dict) -> bool:
+    """Whether a graph's export key (from its own record) is the graph the shortcut key asks for."""
+    return (export_key.get("format") == key.get("export_format")
+            and all(export_key.get(k) == key.get(k) for k in ("backbone", "weights_id", "outputs", "opset",
+                                                               "exporter", "versions")))
 
 
 def remember_graph(key: dict, cache_dir: Path, graph: Path) -> None:

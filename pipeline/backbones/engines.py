@@ -24,9 +24,11 @@ from pipeline.backbones import engine_cache
 from pipeline.backbones.onnx_export import (
     INPUT_NAME,
     OPSET,
+    CachedGraphMismatch,
     ExportUnavailable,
     default_cache_dir,
     exported_model,
+    read_graph,
 )
 
 ENGINES = ("auto", "torch", "onnxruntime")
@@ -94,7 +96,7 @@ def _share_one_arena(ort) -> bool:
     return _shared_arena[0]
 
 
-def make_session(path: Path, threads: int):
+def make_session(path: Path | bytes, threads: int):
     """A CPU session with every graph optimisation, `threads` intra-op threads and one inter-op thread.
 
     These convnets are one chain of ops, so parallelism inside each op is what
@@ -102,6 +104,7 @@ def make_session(path: Path, threads: int):
     Idle workers do not spin, so the decode thread beside the forward gets the CPU.
     No memory pattern (it pre-plans one block per input shape: more memory, no
     faster), and one arena shared by all sessions. Timings: benchmarks/RESULTS.md.
+    path: the graph file, or its bytes (onnx_export.read_graph: the bytes whose digest was checked).
     """
     ort = import_onnxruntime()
     options = ort.SessionOptions()
@@ -113,7 +116,20 @@ def make_session(path: Path, threads: int):
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if _share_one_arena(ort):
         options.add_session_config_entry("session.use_env_allocators", "1")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def check_output_widths(session, widths: dict[str, int] | None, path: Path) -> None:
+    """Raise EngineUnavailable unless the graph's outputs are these names with these widths (when known)."""
+    if not widths:
+        return
+    found = {o.name: (o.shape[-1] if o.shape else None) for o in session.get_outputs()}
+    wrong = [f"{name} {found.get(name)} wide (expected {width})" for name, width in widths.items()
+             if found.get(name) != width]
+    if wrong:
+        raise EngineUnavailable(f"the graph {path} does not have this backbone's outputs: {', '.join(wrong)}; "
+                                f"delete it to export again")
 
 
 def probe_views(files: Sequence[str | Path] = ()) -> tuple[torch.Tensor, str]:
@@ -167,8 +183,11 @@ class PendingBackbone:
     were checked before never builds PyTorch (engine_cache.py).
     """
 
-    def __init__(self, name: str, weights_id: str, output_names: Sequence[str], build: Callable[[], torch.nn.Module]):
+    def __init__(self, name: str, weights_id: str, output_names: Sequence[str] | dict[str, int],
+                 build: Callable[[], torch.nn.Module]):
+        """output_names: the names, or {name: width} (then a graph with other widths is refused)."""
         self.name, self.weights_id, self.output_names = name, weights_id, tuple(output_names)
+        self.widths = dict(output_names) if isinstance(output_names, dict) else None
         self._build, self._model = build, None
 
     @property
@@ -186,6 +205,12 @@ def built(model):
     return model.build() if isinstance(model, PendingBackbone) else model
 
 
+def _widths(model) -> dict[str, int] | None:
+    if isinstance(model, PendingBackbone):
+        return model.widths
+    return dict(model.output_widths) if hasattr(model, "output_widths") else None
+
+
 def _identity(model) -> tuple[str, str, list[str]]:
     """(backbone name, weights id, output names), without building a PendingBackbone."""
     if isinstance(model, PendingBackbone):
@@ -200,11 +225,19 @@ def _remembered_backbone(model, ort, threads: int, cache_dir: Path | None) -> tu
     graph = engine_cache.remembered_graph(key, Path(cache_dir or default_cache_dir())) if key else None
     if graph is None:
         return None
-    verdict = engine_cache.recorded_verdict(graph, engine_cache.verdict_key(graph, ort.__version__, VERIFY_TOLERANCE))
-    if verdict is None:
+    try:  # the graph's own record must describe this backbone, and its bytes be the ones recorded
+        data, export_key, digest = read_graph(graph)
+    except CachedGraphMismatch:
+        return None   # the full path exports it again
+    if not engine_cache.graph_fits_shortcut(export_key, key):
+        return None
+    verdict = engine_cache.recorded_verdict(graph, engine_cache.verdict_key(graph, ort.__version__, VERIFY_TOLERANCE,
+                                                                            digest))
+    if verdict is None or verdict.get("weights_source") != key["weights_source"]:
         return None
     try:
-        session = make_session(graph, threads)
+        session = make_session(data, threads)
+        check_output_widths(session, _widths(model), graph)
     except Exception:  # noqa: BLE001 - whatever is wrong with the file, the full path reports it or exports again
         return None
     return OnnxBackbone(session, outputs, graph), float(verdict.get("max_abs_difference", 0.0))
@@ -233,12 +266,18 @@ def verified_onnx_backbone(model, views: torch.Tensor | Callable[[], torch.Tenso
         path, _ = exported_model(model, ort.__version__, cache_dir, log)
     except ExportUnavailable as err:
         raise EngineUnavailable(str(err)) from err
+    try:  # the bytes whose digest matches the record beside the graph are the ones the session runs
+        data, _, digest = read_graph(path)
+    except CachedGraphMismatch as err:   # changed since exported_model looked at it
+        raise EngineUnavailable(f"{name}: {err}; delete it to export again") from err
     try:
-        backbone = OnnxBackbone(make_session(path, threads), model.output_names, path)
+        session = make_session(data, threads)
     except Exception as err:  # a corrupt cache file, an op this runtime lacks
         raise EngineUnavailable(f"{name}: ONNX Runtime cannot load {path} ({type(err).__name__}: {err}); "
                                 f"delete it to export again") from err
-    key = engine_cache.verdict_key(path, ort.__version__, VERIFY_TOLERANCE)
+    check_output_widths(session, _widths(model), path)
+    backbone = OnnxBackbone(session, model.output_names, path)
+    key = engine_cache.verdict_key(path, ort.__version__, VERIFY_TOLERANCE, digest)
     recorded = engine_cache.recorded_verdict(path, key)
     if recorded is not None:
         worst, cached = float(recorded.get("max_abs_difference", 0.0)), True
@@ -254,8 +293,10 @@ def verified_onnx_backbone(model, views: torch.Tensor | Callable[[], torch.Tenso
             raise EngineUnavailable(f"{name}: the ONNX graph does not reproduce PyTorch on {len(views)} images: max "
                                     f"abs difference {detail}. Not using it; run with --engine torch, or delete "
                                     f"{path} to export again")
-        engine_cache.record_verdict(path, key, worst, len(views))
     shortcut = engine_cache.shortcut_key(name, model.weights_id, list(model.output_names), ort.__version__)
+    if not cached or (shortcut is not None and recorded.get("weights_source") != shortcut["weights_source"]):
+        engine_cache.record_verdict(path, key, worst, len(views) if not cached else int(recorded.get("views", 0)),
+                                    shortcut["weights_source"] if shortcut else None)
     if shortcut is not None and engine_cache.remembered_graph(shortcut, path.parent) != path:
         engine_cache.remember_graph(shortcut, path.parent, path)  # later runs find it without building the model
     return backbone, worst, cached

@@ -4,8 +4,10 @@ The exported graph is the whole `FrozenBackbone` forward with BatchNorm folded: 
 dict entries, named and ordered as `backbone.output_names`, with a dynamic batch axis. The cache file name
 is a hash of the backbone, weights id, a digest of the (folded) weight tensors, the output names, the opset,
 the exporter and the torch / onnx / onnxscript / onnxruntime versions, so changed weights (even under the
-same id) or a library upgrade never reuse a stale graph. Files are written under a temporary name and
-renamed, so a crash or two processes exporting at once never leave a half file. Only export needs `onnx`
+same id) or a library upgrade never reuse a stale graph. The record beside the graph (`<graph>.json`) holds
+that key and the graph's sha256, checked whenever the graph is opened (`read_graph`): a graph replaced or
+a record edited is exported again, never trusted. Files are written under a temporary name and renamed,
+so a crash or two processes exporting at once never leave a half file. Only export needs `onnx`
 and `onnxscript` (torch.onnx's exporter uses them); running a cached graph needs only `onnxruntime`.
 """
 
@@ -30,7 +32,8 @@ from pipeline.backbones.registry import FrozenBackbone, fuse_conv_bn
 from pipeline.files import write_json_atomically
 
 OPSET = 18
-EXPORT_FORMAT = 1           # bump when the way we export changes, so old cache files are not reused
+EXPORT_FORMAT = 2           # bump when the way we export changes, so old cache files are not reused
+                            # (2: the record beside the graph holds its sha256)
 INPUT_NAME = "views"
 CACHE_ENV = "FROZEN_AGE_ONNX_CACHE"
 EXPORTER = "torch.onnx.export(dynamo=True)"
@@ -38,6 +41,10 @@ EXPORTER = "torch.onnx.export(dynamo=True)"
 
 class ExportUnavailable(RuntimeError):
     """The backbone cannot be exported here (exporter missing, export failed, cache not writable), with why."""
+
+
+class CachedGraphMismatch(ValueError):
+    """A cached graph whose bytes or record do not match each other or its name: it is not used."""
 
 
 def default_cache_dir() -> Path:
@@ -138,7 +145,11 @@ def exported_model(backbone: FrozenBackbone, runtime_version: str, cache_dir: Pa
         return found, False
     path = cached_path(key, cache_dir)
     if path.is_file():
-        return path, False
+        try:
+            read_graph(path)
+            return path, False
+        except CachedGraphMismatch as err:
+            log(f"{err}; exporting it again")
     require_exporter()
     log(f"exporting {key['backbone']} to ONNX (once; cached in {cache_dir}) ...")
     try:
@@ -151,8 +162,9 @@ def exported_model(backbone: FrozenBackbone, runtime_version: str, cache_dir: Pa
         _export(model, partial)
         with open(partial, "rb+") as handle:
             os.fsync(handle.fileno())
+        digest = graph_sha256(partial.read_bytes())
         os.replace(partial, path)
-        write_json_atomically(path.with_suffix(".json"), key)  # for people: what the file was made from
+        write_json_atomically(record_path(path), {**key, GRAPH_DIGEST: digest})  # what the file was made from
     except OSError as err:
         raise ExportUnavailable(f"cannot write {path}: {err.strerror or err}; "
                                 f"set {CACHE_ENV} to a writable folder") from err
@@ -167,17 +179,67 @@ def _cached_without_exporter(model: FrozenBackbone, runtime_version: str, digest
         if sidecar.suffixes != [".json"]:  # engine_cache's verdicts and shortcuts (.checked.json, .source.json)
             continue
         try:
-            key = json.loads(sidecar.read_text())
-        except (OSError, ValueError):
+            key = export_key_of(json.loads(sidecar.read_text()))
+        except (OSError, ValueError, AttributeError):
             continue
         versions = dict(key.get("versions", {}))
         wanted = {"format": EXPORT_FORMAT, "backbone": model.spec.name, "weights_id": model.weights_id,
                   "weights_sha256": digest, "outputs": list(model.output_names), "opset": OPSET, "exporter": EXPORTER}
+        graph = sidecar.with_suffix(".onnx")
         if ({k: key.get(k) for k in wanted} == wanted and versions.get("torch") == torch.__version__
-                and versions.get("onnxruntime") == runtime_version and sidecar.with_suffix(".onnx").is_file()
-                and cached_path(key, cache_dir) == sidecar.with_suffix(".onnx")):
-            return sidecar.with_suffix(".onnx")
+                and versions.get("onnxruntime") == runtime_version and graph.is_file()):
+            try:
+                read_graph(graph)
+            except CachedGraphMismatch:
+                continue
+            return graph
     return None
+
+
+GRAPH_DIGEST = "graph_sha256"   # the record's field holding the graph's sha256
+
+
+def graph_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def record_path(graph: Path) -> Path:
+    return Path(graph).with_suffix(".json")
+
+
+def export_key_of(record: dict) -> dict:
+    """The export key a graph's record holds (the record less the graph's digest)."""
+    return {k: v for k, v in record.items() if k != GRAPH_DIGEST}
+
+
+def read_graph(graph: Path) -> tuple[bytes, dict, str]:
+    """(the graph's bytes, its export key, their sha256), when the record beside it vouches for exactly these bytes.
+
+    The file name is a hash of the export key, and the record holds the key and the sha256 of the bytes
+    exported under it: a graph copied over another name, a record edited or swapped, or bytes replaced
+    all raise CachedGraphMismatch naming the file. The bytes returned are the ones hashed, so a session
+    made from them runs what was checked.
+    """
+    graph = Path(graph)
+    try:
+        record = json.loads(record_path(graph).read_text())
+    except (OSError, ValueError):
+        raise CachedGraphMismatch(f"cached graph {graph} has no readable record beside it") from None
+    if not isinstance(record, dict) or not isinstance(record.get(GRAPH_DIGEST), str):
+        raise CachedGraphMismatch(f"cached graph {graph}: its record {record_path(graph).name} holds no graph digest "
+                                  f"(made by an older version)")
+    key = export_key_of(record)
+    if cached_path(key, graph.parent) != graph:
+        raise CachedGraphMismatch(f"cached graph {graph}: its record describes another graph (edited or swapped)")
+    try:
+        data = graph.read_bytes()
+    except OSError as err:
+        raise CachedGraphMismatch(f"cached graph {graph} cannot be read: {err.strerror or err}") from None
+    digest = graph_sha256(data)
+    if digest != record[GRAPH_DIGEST]:
+        raise CachedGraphMismatch(f"cached graph {graph}: its bytes differ from the ones exported under this name "
+                                  f"(sha256 {digest[:12]}..., recorded {record[GRAPH_DIGEST][:12]}...)")
+    return data, key, digest
 
 
 def _export(model: FrozenBackbone, path: Path) -> None:

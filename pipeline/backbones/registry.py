@@ -246,7 +246,7 @@ def create_backbone(name: str, weights: str | None = DEFAULT_WEIGHTS, descriptor
     try:
         model = spec.builder(weights=enum_member)
     except Exception as err:  # offline, blocked download, corrupt cache
-        raise WeightsUnavailable(_weights_help(name, enum_member, err)) from err
+        raise WeightsUnavailable(weights_help(name, enum_member, err)) from err
     return FrozenBackbone(spec, model, enum_member.name, descriptors)
 
 
@@ -278,7 +278,7 @@ def weights_file_id(path: Path) -> str:
     return f"file:{path.name}:sha256={digest}"
 
 
-def _weights_help(name: str, enum_member, err: Exception) -> str:
+def weights_help(name: str, enum_member, err: Exception) -> str:
     import os
 
     cache = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"

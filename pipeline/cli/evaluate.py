@@ -14,7 +14,6 @@ ages regrouped into its groups.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import click
 
 from pipeline.cli.exit_codes import finish, require_writable
 from pipeline.cli.options import AliasedCommand, out_option
+from pipeline.files import OutputConflict, check_output, write_bytes_atomically
 
 # numpy, torch, scikit-learn and matplotlib are imported when the command runs: --help answers at once.
 
@@ -87,26 +87,9 @@ def _load(path: Path):
         raise click.ClickException(f"cannot load checkpoint {path}: {err}") from err
 
 
-def write_predictions(ev, path: Path) -> None:
-    """One row per evaluated image: true and predicted group, the probabilities, and age."""
-    names = list(ev.meta["class_names"])
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        header = ["file", "age", "true_group", "predicted_group"] + [f"p_{n}" for n in names]
-        if ev.ages_pred is not None:
-            header.append("predicted_age")
-        writer.writerow(header)
-        for i, file in enumerate(ev.paths):
-            row = [file, int(ev.ages_true[i]), names[int(ev.y_true[i])], names[int(ev.probs[i].argmax())]]
-            row += [f"{p:.6f}" for p in ev.probs[i]]
-            if ev.ages_pred is not None:
-                row.append(f"{ev.ages_pred[i]:.2f}")
-            writer.writerow(row)
-
-
 def _dump(data, path: Path) -> None:
     # allow_nan=False: the file stays strict JSON (undefined values are null).
-    path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    write_bytes_atomically(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
 
 
 # One release of grace for the old spellings: --features FILE and the checkpoints as positional arguments.
@@ -148,10 +131,14 @@ def main(legacy_checkpoints, checkpoints, feature_files, split, cross_split, spl
     if split_file is not None and not split_file.is_file():
         raise click.ClickException(f"split file {split_file} does not exist")
     require_writable(out)  # a read-only output folder is one line, before any work
+    try:
+        check_output(out, [*feature_files, *checkpoints])   # never over a feature file or a head
+    except OutputConflict as err:
+        raise click.ClickException(str(err)) from err
 
     from pipeline.evaluation import figures
     from pipeline.evaluation.evaluate import FeatureInputs, ensemble_evaluation, evaluate_checkpoint, is_in_domain
-    from pipeline.evaluation.tables import comparison_markdown, terminal_table
+    from pipeline.evaluation.tables import comparison_markdown, predictions_csv, terminal_table
     from pipeline.heads.model import HeadMismatch
     from pipeline.heads.regroup import RegroupError, inputs_in_bins
 
@@ -232,7 +219,7 @@ def main(legacy_checkpoints, checkpoints, feature_files, split, cross_split, spl
             figures.curves_figure(ev.meta.get("history") or [], ev.meta.get("best_epoch"), folder / "curves.png",
                                   ev.name)
         figures.reliability_figure(ev.metrics["calibration"], folder / "reliability.png", ev.name)
-        write_predictions(ev, folder / "predictions.csv")
+        write_bytes_atomically(folder / "predictions.csv", predictions_csv(ev))
         _dump(summary, folder / "metrics.json")
         everything["checkpoints"][ev.name] = summary
         for warning in ev.warnings:
@@ -242,7 +229,7 @@ def main(legacy_checkpoints, checkpoints, feature_files, split, cross_split, spl
     if cross_split is not None:
         source += f" (cross-domain files: split {cross_split!r})"
     files = str(feature_files[0]) if len(feature_files) == 1 else [str(f) for f in feature_files]
-    (out / "comparison.md").write_text(comparison_markdown(evaluations, files, source))
+    write_bytes_atomically(out / "comparison.md", comparison_markdown(evaluations, files, source).encode())
     _dump(everything, out / "metrics.json")
 
     click.echo(terminal_table(evaluations))

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import sys
-from collections import Counter
 from pathlib import Path
 
 import click
@@ -27,6 +26,7 @@ from pipeline.cli.options import (
     precision_option,
 )
 from pipeline.ingest.dataset import parse_edges
+from pipeline.ingest.skips import skip_list_path, skip_summary, write_skip_list
 
 # torch, torchvision and the backbones are imported where a command runs, so that --help answers at once.
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "sample" / "utkface"
@@ -198,13 +198,10 @@ def _print_summary(summary: dict) -> None:
         click.echo("splits: " + ", ".join(f"{k or 'unlisted'} {v}" for k, v in sorted(summary["splits"].items())))
     _print_compute(summary)
     skipped = summary["skipped"]
-    if skipped:
-        reasons = Counter(reason.split(":")[0] for _, reason in skipped)
-        click.echo(f"skipped {len(skipped)}: " + ", ".join(f"{n} {r}" for r, n in reasons.most_common()))
-        for path, reason in skipped[:10]:
-            click.echo(f"  {path}: {reason}")
-        if len(skipped) > 10:
-            click.echo(f"  ... and {len(skipped) - 10} more (see /skipped in the file)")
+    if skipped:  # grouped by kind of reason, a few examples each; every one in <out>.skipped.csv
+        click.echo("\n".join(skip_summary(skipped)))
+        listed = write_skip_list(skip_list_path(summary["out"]), skipped)
+        click.echo(f"  all {len(skipped)} with their reasons: {listed} (and /skipped in the file)")
 
 
 def _print_compute(summary: dict) -> None:
@@ -323,7 +320,7 @@ def info_command(features):
 
     try:
         summary, settings, meta = file_summary(features), read_settings(features), read_meta(features)
-    except ValueError as err:
+    except (ValueError, OSError) as err:   # OSError: a FIFO or device, named as such
         raise click.ClickException(str(err)) from err
     click.echo(f"{features}: {summary['rows']} images, {summary['skipped']} skipped, "
                f"{summary['bytes'] / 2**20:.1f} MiB, fingerprint {summary['fingerprint']}")

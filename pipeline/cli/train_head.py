@@ -19,6 +19,7 @@ from click.core import ParameterSource
 
 from pipeline.cli.exit_codes import finish, output_error, require_writable
 from pipeline.cli.options import CALIBRATION_METHODS, AliasedCommand, out_option
+from pipeline.files import OutputConflict, check_output
 from pipeline.heads.recipes import (
     DEFAULT_RECIPE,
     RECIPES,
@@ -278,6 +279,10 @@ def main(features_file, backbones, out, bins, recipe, feature_kind, split_file, 
         raise click.UsageError(str(err)) from None
 
     require_writable(out)
+    try:
+        check_output(out, [features_file], own_kind="a head checkpoint")   # never over a feature file
+    except OutputConflict as err:
+        raise click.ClickException(str(err)) from err
     started = time.perf_counter()
     loaded = _load(features_file, names, feature_kind, split_file, recipe, edges)
     for path, reason in loaded.skipped:

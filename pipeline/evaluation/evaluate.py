@@ -237,8 +237,16 @@ def evaluate_checkpoint(checkpoint, name: str, checkpoint_path, inputs: FeatureI
         if len(rows) == 0:
             raise ValueError(f"every row of split {split!r} in {inputs.path} has non-finite features")
     prob_views, age_views = head_outputs(checkpoint, x)
+    if not np.isfinite(prob_views).all():  # checked before any output is written: no half-written folder
+        bad = int((~np.isfinite(prob_views).all(axis=(1, 2))).sum())
+        raise ValueError(f"the head gives probabilities that are not finite on {bad} row(s); its checkpoint "
+                         f"{checkpoint_path} cannot be used")
     probs = combine_views(prob_views, tta)
     y_true = inputs.meta["group"][rows]
+    outside = (y_true < 0) | (y_true >= len(meta["class_names"]))
+    if outside.any():
+        raise ValueError(f"{inputs.path}: meta/group holds {int(y_true[outside][0])}, outside the head's "
+                         f"{len(meta['class_names'])} groups; the file is damaged")
     metrics = classification_metrics(y_true, probs, list(meta["class_names"]))
     ages_true = inputs.meta["age"][rows]
     ages_pred = None

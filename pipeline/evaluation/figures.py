@@ -6,21 +6,26 @@ pyplot, so no global state and no display is ever needed).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pipeline.files import write_bytes_atomically
+
 DPI = 120
 
 
 def save_figure(fig: Figure, path: Path, dpi: int = DPI) -> Path:
-    """Write a Figure made without pyplot as PNG, creating the folder."""
+    """Write a Figure made without pyplot as PNG, creating the folder; the file is replaced whole (atomically)."""
     FigureCanvasAgg(fig)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png")
+    write_bytes_atomically(path, buffer.getvalue())
     return path
 
 

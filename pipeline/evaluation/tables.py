@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
 from pipeline.evaluation.evaluate import Evaluation
+from pipeline.files import csv_cell
 from pipeline.heads.calibration import N_BINS
 
 
@@ -84,3 +87,24 @@ def terminal_table(evaluations: list[Evaluation]) -> str:
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     fmt = lambda r: "  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
     return "\n".join([fmt(cols), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def predictions_csv(ev: Evaluation) -> bytes:
+    """predictions.csv: one row per evaluated image (true and predicted group, the probabilities, and age).
+
+    Every cell goes through csv_cell: a file name starting with =, +, -, @ is not run as a spreadsheet formula.
+    """
+    names = list(ev.meta["class_names"])
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    header = ["file", "age", "true_group", "predicted_group"] + [f"p_{n}" for n in names]
+    if ev.ages_pred is not None:
+        header.append("predicted_age")
+    writer.writerow([csv_cell(h) for h in header])
+    for i, file in enumerate(ev.paths):
+        row = [file, int(ev.ages_true[i]), names[int(ev.y_true[i])], names[int(ev.probs[i].argmax())]]
+        row += [f"{p:.6f}" for p in ev.probs[i]]
+        if ev.ages_pred is not None:
+            row.append(f"{ev.ages_pred[i]:.2f}")
+        writer.writerow([csv_cell(c) for c in row])
+    return buffer.getvalue().encode("utf-8", "backslashreplace")

@@ -2,11 +2,12 @@
 
 One model load per checkpoint, however many images; pictures are read and
 explained in batches; a picture that cannot be read is reported and skipped.
+Outputs are staged and committed at the end (outputs.py): an interrupted run
+leaves the previous index and its pictures as they were.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ from pipeline.explain.overlays import (
     save_overlay,
     save_titled,
 )
+from pipeline.explain.outputs import RunOutputs
+from pipeline.files import check_output
 from pipeline.heads.checkpoint import HeadCheckpoint, load_checkpoint
 from pipeline.images.checks import DEFAULT_MAX_PIXELS, ImageProblem
 from pipeline.inference.full_model import FullModel, load_full_models
@@ -210,6 +213,7 @@ def explain_images(config: ExplainConfig, log: Callable[[str], None] = print,
         face_mode = make_face_mode(config.faces, device)
     if config.method not in METHODS:
         raise CamError(f"unknown method {config.method!r}; choose from {', '.join(METHODS)}")
+    check_output(config.out_dir, config.inputs, folder=True)  # OutputConflict: never among its own inputs
     paths, failures = collect_images(config.inputs)
     for path, reason in failures:
         warn(f"error: {display_path(str(path))}: {reason}")
@@ -221,13 +225,28 @@ def explain_images(config: ExplainConfig, log: Callable[[str], None] = print,
     class_names = list(ckpts[0].meta.get("class_names") or [])
     labels = checkpoint_labels([c.meta for c in ckpts], list(config.checkpoints))
     columns = columns_for(labels, [c.meta for c in ckpts])
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     log(f"explaining {len(paths)} image(s) with {', '.join(labels)} ({config.method}, "
         f"target {config.target}) on {device}")
 
-    used_keys: dict[str, int] = {}
-    index_rows, files = [], []
+    outputs = RunOutputs(Path(config.out_dir))
+    try:
+        result = _explain_all(config, paths, face_mode, models, target, class_names, columns, outputs, log, warn)
+    except BaseException:
+        outputs.discard()
+        raise
+    failures += result.pop("failures")
+    files = outputs.commit(result.pop("rows")) if result["explained"] else []
+    if not result["explained"]:
+        outputs.discard()
+    return {**result, "failures": failures, "files": files}
+
+
+def _explain_all(config: ExplainConfig, paths, face_mode, models, target, class_names, columns,
+                 outputs: RunOutputs, log, warn) -> dict:
+    """Explain every picture into the run's staging folder; returns {explained, failures, rows}."""
+    device = resolve_device(config.device)
+    failures = []
+    index_rows = []
     grid_pictures, grid_names, grid_cells = [], [], []
     explained = 0
     for start in range(0, len(paths), config.batch_size):
@@ -242,10 +261,8 @@ def explain_images(config: ExplainConfig, log: Callable[[str], None] = print,
         results = [explain_batch(model, x, target, config.method) for model in models]
         for i, item in enumerate(items):
             path = item.path
-            key = image_key(path) + ("" if item.face is None else f"_face{item.face}")
-            used_keys[key] = used_keys.get(key, 0) + 1
-            if used_keys[key] > 1:
-                key = f"{key}-{used_keys[key]}"
+            # Unique in the run: a/x.jpg, b/x.jpg and x-2.jpg get x, x-2 and x-2-2.
+            key = outputs.unique_key(image_key(path) + ("" if item.face is None else f"_face{item.face}"))
             rgb = item.rgb
             row_cells = []
             for column in columns:
@@ -257,20 +274,17 @@ def explain_images(config: ExplainConfig, log: Callable[[str], None] = print,
                 if tgt != pred:
                     lines.append(f"map for {class_names[tgt]}  p={probs[tgt]:.2f}")
                 stem = f"{key}_{_safe(column.label)}_{_safe(config.method)}"
-                png = save_overlay(out / f"{stem}.png", rgb, cam, lines)
-                files.append(png)
+                png = save_overlay(outputs.path(f"{stem}.png"), rgb, cam, lines)
                 npy = ""
                 if config.save_npy:
-                    npy = out / f"{stem}.npy"
+                    npy = outputs.path(f"{stem}.npy")
                     np.save(npy, cam.astype(np.float32))
-                    files.append(npy)
                 index_rows.append({"image": display_path(str(path)), "model": column.label, "backbone": column.backbone,
                                    "predicted": class_names[pred], "probability": f"{probs[pred]:.4f}",
                                    "target": class_names[tgt], "target_probability": f"{probs[tgt]:.4f}",
                                    "overlay": png.name, "npy": Path(npy).name if npy else ""})
                 if item.face is not None:  # the map on the aligned crop, and pasted back into the photo
-                    photo_png = save_photo_overlay(out / f"{stem}_photo.png", item, cam, lines)
-                    files.append(photo_png)
+                    photo_png = save_photo_overlay(outputs.path(f"{stem}_photo.png"), item, cam, lines)
                     box = " ".join(f"{v:.1f}" for v in item.aligned.face.box)
                     index_rows[-1].update({"face": item.face, "box": box, "score": f"{item.aligned.face.score:.4f}",
                                            "photo_overlay": photo_png.name})
@@ -284,17 +298,9 @@ def explain_images(config: ExplainConfig, log: Callable[[str], None] = print,
             explained += 1
         log(f"  {min(start + config.batch_size, len(paths))}/{len(paths)}")
 
-    if index_rows:
-        index_path = out / "explanations.csv"
-        with open(index_path, "w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(index_rows[0]))
-            writer.writeheader()
-            writer.writerows(index_rows)
-        files.append(index_path)
     if len(columns) > 1 and grid_pictures:
-        grid = save_grid(out / f"grid_{_safe(config.method)}.png", grid_pictures, grid_names,
-                         [c.label for c in columns], grid_cells)
-        files.append(grid)
+        save_grid(outputs.path(f"grid_{_safe(config.method)}.png"), grid_pictures, grid_names,
+                  [c.label for c in columns], grid_cells)
         if explained > len(grid_pictures):
             log(f"grid shows the first {len(grid_pictures)} of {explained} images (--grid-rows)")
-    return {"explained": explained, "failures": failures, "files": files}
+    return {"explained": explained, "failures": failures, "rows": index_rows}

@@ -40,6 +40,7 @@ from pipeline.explain.job import (
     to_model_input,
 )
 from pipeline.features.read import read_meta, read_settings
+from pipeline.files import check_output, file_sha256, write_bytes_atomically
 from pipeline.heads.data import load_features
 
 
@@ -79,9 +80,28 @@ def _probabilities(model) -> Callable[[torch.Tensor], torch.Tensor]:
     return predict
 
 
+def matching_pictures(paths: list[Path], digests) -> tuple[list[int], list[tuple[str, str]]]:
+    """(positions whose bytes are the ones featurized, (path, reason) for the others): a data folder holding
+    other pictures under the same names must not be reported on as if it were the cached one."""
+    kept, bad = [], []
+    for position, (path, digest) in enumerate(zip(paths, digests)):
+        try:
+            found = file_sha256(path)
+        except OSError as err:
+            bad.append((str(path), f"cannot read image: {err.strerror or err}"))
+            continue
+        if found != str(digest):
+            bad.append((str(path), f"not the picture that was featurized (sha256 {found[:12]}..., the feature "
+                                   f"file recorded {str(digest)[:12]}...)"))
+        else:
+            kept.append(position)
+    return kept, bad
+
+
 def run_report(config: ReportConfig, log: Callable[[str], None] = print,
                warn: Callable[[str], None] = print) -> dict:
     started = time.time()
+    check_output(config.out_dir, [config.features, *config.checkpoints])  # OutputConflict: not over an input
     device = resolve_device(config.device)
     settings = read_settings(config.features)
     meta = read_meta(config.features)
@@ -93,6 +113,7 @@ def run_report(config: ReportConfig, log: Callable[[str], None] = print,
     # Plain-view cached features of the chosen rows, per checkpoint.
     cached = [load_features(config.features, c.meta["backbones"], c.meta["feature_kind"])[rows, 0] for c in ckpts]
     paths = [Path(config.data_dir) / str(p) for p in meta["path"][rows]]
+    digests = np.asarray(meta["sha256"])[rows]
     truth = np.asarray(meta["group"])[rows]
     log(f"report over {len(rows)} {config.split} image(s) of {config.features} "
         f"({', '.join(labels)}, {config.method}, {config.steps} deletion steps) on {device}")
@@ -103,10 +124,12 @@ def run_report(config: ReportConfig, log: Callable[[str], None] = print,
     emptied = [None] * len(models)
     for start in range(0, len(rows), config.batch_size):
         batch = list(range(start, min(start + config.batch_size, len(rows))))
+        same, other = matching_pictures([paths[i] for i in batch], digests[batch])
+        batch = [batch[k] for k in same]
         kept, pictures, bad = read_pictures([paths[i] for i in batch])
-        for path, reason in bad:
+        for path, reason in other + bad:
             warn(f"error: {path}: {reason}")
-        failures += bad
+        failures += other + bad
         if not kept:
             continue
         local = [batch[k] for k in kept]
@@ -143,7 +166,9 @@ def run_report(config: ReportConfig, log: Callable[[str], None] = print,
         done_rows += local
         log(f"  {min(start + config.batch_size, len(rows))}/{len(rows)} ({time.time() - started:.0f} s)")
     if not done_rows:
-        raise CamError("no image of the split could be read; check --data (meta/path is relative to it)")
+        raise CamError(f"none of the {len(rows)} image(s) of the split could be read as featurized in "
+                       f"{config.features} (e.g. {failures[0][0]}: {failures[0][1]}); check --data "
+                       f"(meta/path is relative to it)" if failures else "no image of the split could be read")
 
     done_rows = np.asarray(done_rows)
     true_group = truth[done_rows]
@@ -165,9 +190,10 @@ def run_report(config: ReportConfig, log: Callable[[str], None] = print,
     report["seconds"] = round(time.time() - started, 1)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(report_markdown(report))
+    # Each file replaced whole (written under a temporary name, then renamed); the index-like report.md last.
     curves_figure(report, out / "deletion_curves.png")
+    write_bytes_atomically(out / "report.json", json.dumps(report, indent=1).encode())
+    write_bytes_atomically(out / "report.md", report_markdown(report).encode())
     return report
 
 

@@ -188,6 +188,22 @@ class MtcnnFaces:
     @torch.inference_mode()
     def locate(self, rgb: np.ndarray, hint: FaceHint | None = None) -> list[Face]:
         height, width = rgb.shape[:2]
+        if panorama_tiles(height, width, self.max_side):
+            return self._locate_tiled(rgb)
+        return self._locate_whole(rgb)
+
+    def _locate_tiled(self, rgb: np.ndarray) -> list[Face]:
+        """A panorama searched tile by tile (overlapping by the short side, so each face lies whole in one),
+        the faces found twice in two tiles kept once."""
+        found = []
+        for top, left, bottom, right in panorama_tiles(*rgb.shape[:2], self.max_side):
+            offset = np.array([left, top], np.float32)
+            for face in self._locate_whole(rgb[top:bottom, left:right], look_inside_border=False):
+                found.append(Face(face.box + np.tile(offset, 2), face.landmarks + offset, face.score))
+        return sorted(distinct_faces(found), key=lambda f: -f.area)
+
+    def _locate_whole(self, rgb: np.ndarray, look_inside_border: bool = True) -> list[Face]:
+        height, width = rgb.shape[:2]
         scale = min(1.0, self.max_side / max(height, width))
         picture = rgb if scale == 1.0 else shrink(rgb, scale)
         faces = self._detect(picture)
@@ -196,7 +212,7 @@ class MtcnnFaces:
         # too far apart. Such a face is located again in its own neighbourhood with black beyond the edge.
         faces = [self._again_inside_border(picture, face) if crosses_edge(face, picture.shape[:2]) else face
                  for face in faces]
-        if not faces:
+        if not faces and look_inside_border:
             # A face filling the picture is often missed altogether: look once more inside a border.
             margin = int(math.ceil(NO_FACE_BORDER * min(picture.shape[:2])))
             bordered = np.pad(picture, ((margin, margin), (margin, margin), (0, 0)))
@@ -209,6 +225,8 @@ class MtcnnFaces:
 
     def _detect(self, picture: np.ndarray) -> list[Face]:
         scale = min(1.0, PNET_WINDOW / self.min_face_size)   # MTCNN's first pyramid level, made by us (PNET_WINDOW)
+        if min(picture.shape[:2]) * scale < PNET_WINDOW:
+            return []   # smaller than MTCNN's window: no pyramid level at all (MTCNN itself would raise)
         boxes, scores, points = self._mtcnn.detect(shrink(picture, scale) if scale < 1 else picture, landmarks=True)
         if boxes is None:
             return []
@@ -252,6 +270,46 @@ class MtcnnFaces:
                 return face
             face = again
         return face
+
+
+PANORAMA_SHORT_SIDE = 160   # tile a picture whose short side the detector's shrink would bring below this
+
+
+def panorama_tiles(height: int, width: int, max_side: int) -> list[tuple[int, int, int, int]]:
+    """(top, left, bottom, right) of overlapping tiles along the long side of a panorama, or [] for other pictures.
+
+    A 12000 x 300 panorama shrunk to a 1024-pixel long side keeps faces of 25 pixels, too few for the
+    detector. Tiles as long as max(max_side, short side x 2) overlap by the short side, so any face (no
+    taller than the short side) lies whole in one tile, which is then shrunk no more than the picture needs.
+    """
+    short, long = min(height, width), max(height, width)
+    if long <= max_side or short * max_side / long >= PANORAMA_SHORT_SIDE or short < PNET_WINDOW:
+        return []
+    length = max(max_side, 2 * short)
+    step = length - short
+    starts = list(range(0, max(long - length, 0) + 1, step))
+    if starts[-1] + length < long:
+        starts.append(long - length)
+    if width >= height:
+        return [(0, start, height, start + length) for start in starts]
+    return [(start, 0, start + length, width) for start in starts]
+
+
+def distinct_faces(faces: list[Face], overlap: float = 0.5) -> list[Face]:
+    """The faces, one per place: of two whose boxes overlap by more than `overlap` (IoU), the higher score stays."""
+    kept: list[Face] = []
+    for face in sorted(faces, key=lambda f: -f.score):
+        if all(box_iou(face.box, other.box) <= overlap for other in kept):
+            kept.append(face)
+    return kept
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
 
 
 def onet_square(face: Face) -> np.ndarray:

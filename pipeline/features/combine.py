@@ -12,6 +12,7 @@ from pipeline.backbones.descriptors import DESCRIPTORS, dataset_path
 from pipeline.features import provenance
 from pipeline.features.layout import META_COLUMNS
 from pipeline.features.read import (
+    check_meta,
     meta_columns,
     read_column,
     read_meta,
@@ -19,7 +20,8 @@ from pipeline.features.read import (
     read_skipped,
     settings_of,
 )
-from pipeline.features.settings import SettingsMismatch, settings_difference
+from pipeline.features.settings import WEIGHTS_SHA256, SettingsMismatch, settings_difference
+from pipeline.files import check_output
 from pipeline.features.writer import (
     ROOT_ATTRS,
     copy_row_groups,
@@ -37,9 +39,11 @@ def merge(shard_paths: list[Path], out_path: Path, allow_mixed: bool = False) ->
     Shards computed differently (device, precision, decoder, engine) are refused
     unless allow_mixed; the merged file then keeps every shard's row ranges.
     """
+    check_output(out_path, shard_paths, own_kind="a feature file")  # never over one of its shards
     shards = []
     for path in shard_paths:
         with h5py.File(path, "r") as h5:
+            check_meta(h5, path)
             shards.append((path, settings_of(h5, path), json.loads(h5.attrs["shard"])))
     settings = shards[0][1]
     for path, other, _ in shards[1:]:
@@ -95,12 +99,19 @@ def join(paths: list[Path], out_path: Path, allow_mixed: bool = False) -> dict:
     """
     if len(paths) < 2:
         raise ValueError("join needs at least two feature files")
+    check_output(out_path, paths, own_kind="a feature file")  # never over one of the files it joins
     settings = [read_settings(p) for p in paths]
     metas = [read_meta(p) for p in paths]
     first, first_meta = settings[0], metas[0]
 
     def same(s: dict) -> dict:  # the settings that must agree
-        return {k: v for k, v in s.items() if k not in ("backbones", "weights", "fingerprint")}
+        return {k: v for k, v in s.items() if k not in ("backbones", "weights", WEIGHTS_SHA256, "fingerprint")}
+
+    bound = [WEIGHTS_SHA256 in s for s in settings]
+    if any(bound) and not all(bound):
+        older = paths[bound.index(False)]
+        raise SettingsMismatch(f"{older} records no sha256 of its weights (made by an older version) while "
+                               f"{paths[bound.index(True)]} does; featurize {older} again to join them")
 
     backbones: list[str] = []
     for path, other, meta in zip(paths, settings, metas):
@@ -118,6 +129,8 @@ def join(paths: list[Path], out_path: Path, allow_mixed: bool = False) -> dict:
 
     joined = {**same(first), "backbones": backbones,
               "weights": {name: s["weights"][name] for s in settings for name in s["backbones"]}}
+    if all(bound):
+        joined[WEIGHTS_SHA256] = {name: s[WEIGHTS_SHA256][name] for s in settings for name in s["backbones"]}
     sources = [h5py.File(p, "r") for p in paths]
     try:
         with new_h5(out_path, reserve=sum(Path(p).stat().st_size for p in paths) + 2**20) as h5:

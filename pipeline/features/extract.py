@@ -21,6 +21,7 @@ import torch
 
 from pipeline import __version__
 from pipeline.backbones.descriptors import parse_descriptors
+from pipeline.backbones.weights_hash import weights_sha256
 from pipeline.backbones.registry import (
     create_backbone,
     fuse_conv_bn,
@@ -38,6 +39,7 @@ from pipeline.device import compute_precision, resolve_device, resolve_precision
 from pipeline.features import provenance
 from pipeline.features.parts import PartsFolder
 from pipeline.features.settings import (
+    WEIGHTS_SHA256,
     SettingsMismatch,
     fingerprint,
     settings_difference,
@@ -178,6 +180,9 @@ def make_plan(config: FeaturizeConfig) -> Plan:
     settings = {
         "backbones": list(config.backbones),
         "weights": {name: resolve_weights_id(name, config.weights.get(name)) for name in config.backbones},
+        # The bytes the weights come from (hashed once per file change): a checkpoint replaced under the
+        # same name in TORCH_HOME gives another fingerprint, and merge and join refuse to mix them.
+        WEIGHTS_SHA256: {name: weights_sha256(name, config.weights.get(name)) for name in config.backbones},
         "preprocessing": PREPROCESSING,
         "group_edges": list(config.group_edges),
         "seed": config.seed,
@@ -499,5 +504,9 @@ def _compute_batch(runner: BackboneRunner, decoded, lo: int, batch_files: list[s
         # One array per output: features_<backbone>, stages_<backbone>, <descriptor>_<backbone>.
         for output, width in output_widths(get_spec(name), runner.descriptors).items():
             values = features[name][output] if len(decoded.kept) else np.zeros((0, 2, width))
+            if values.shape[1:] != (2, width):  # checked before the part is saved: no wrong batch to resume from
+                raise ValueError(f"{name} gave {output} {values.shape[-1]} wide, not {width}, on rows {lo}-"
+                                 f"{lo + len(batch_files)}; the engine's graph is not this backbone's "
+                                 f"(run with --engine torch, or delete the ONNX cache)")
             arrays[f"{output}_{name}"] = values.astype(dtype)
     return arrays

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,6 +11,10 @@ import numpy as np
 
 from pipeline.backbones.descriptors import dataset_path, kind_outputs
 from pipeline.features.layout import FORMAT, META_COLUMNS
+from pipeline.features.settings import fingerprint
+from pipeline.files import input_problem
+
+META_DIGEST_ATTR = "sha256"   # on the meta group: JSON {column: sha256 of its values}, written with them
 
 
 def read_row_group(path, group: str = "faces") -> dict[str, np.ndarray]:
@@ -37,6 +42,45 @@ def meta_columns(h5: h5py.File) -> list[str]:
     return list(META_COLUMNS) + sorted(c for c in h5["meta"] if c not in META_COLUMNS)
 
 
+def meta_digests(h5: h5py.File) -> dict[str, str]:
+    """{column: sha256 of its values as read_column gives them}: what writer.write_meta stores beside the columns."""
+    found = {}
+    for column in meta_columns(h5):
+        values = read_column(h5, column)
+        digest = hashlib.sha256(f"{values.shape}".encode())
+        if values.dtype == object or values.dtype.kind in "US":
+            for value in values.reshape(-1):
+                data = str(value).encode("utf-8", "surrogatepass")
+                digest.update(len(data).to_bytes(8, "little") + data)
+        else:
+            digest.update(np.ascontiguousarray(values).tobytes())
+        found[column] = digest.hexdigest()
+    return found
+
+
+def meta_problem(h5: h5py.File) -> str | None:
+    """Which meta columns differ from the digests written with them (None when all agree, or the file has none)."""
+    stored = h5["meta"].attrs.get(META_DIGEST_ATTR) if "meta" in h5 else None
+    if stored is None:
+        return None   # files written before the digest existed
+    try:
+        stored = json.loads(stored)
+    except ValueError:
+        return "its meta digest attribute is not JSON"
+    now = meta_digests(h5)
+    changed = sorted(c for c in set(stored) | set(now) if stored.get(c) != now.get(c))
+    if not changed:
+        return None
+    return (f"{', '.join('meta/' + c for c in changed)} changed after the file was written "
+            f"(the sha256 stored with the columns no longer matches)")
+
+
+def check_meta(h5: h5py.File, path) -> None:
+    problem = meta_problem(h5)
+    if problem:
+        raise ValueError(f"{path} is damaged: {problem}; featurize it again")
+
+
 def read_skipped(h5: h5py.File) -> list[tuple[str, str]]:
     paths = h5["skipped/path"].asstr()[()]
     reasons = h5["skipped/reason"].asstr()[()]
@@ -45,8 +89,9 @@ def read_skipped(h5: h5py.File) -> list[tuple[str, str]]:
 
 def _open(path) -> h5py.File:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"feature file {path} does not exist")
+    problem = input_problem(path)
+    if problem:
+        raise FileNotFoundError(f"feature file {path} {problem}")
     try:
         h5 = h5py.File(path, "r")
     except OSError as err:
@@ -67,6 +112,11 @@ def settings_of(h5: h5py.File, path) -> dict:
         raise ValueError(f"{path} is damaged: its 'settings' attribute is not JSON ({err})") from None
     if not isinstance(settings, dict):
         raise ValueError(f"{path} is damaged: its 'settings' attribute is not a JSON object")
+    stored = h5.attrs.get("fingerprint")
+    stored = stored.decode() if isinstance(stored, bytes) else stored
+    if stored is not None and fingerprint(settings) != str(stored):  # every file's fingerprint is of its settings
+        raise ValueError(f"{path} is damaged: its 'settings' attribute was changed after the file was written "
+                         f"(it no longer matches the fingerprint {stored}); featurize it again")
     return settings
 
 
@@ -83,6 +133,7 @@ def read_meta(path) -> dict[str, np.ndarray]:
         missing = [c for c in META_COLUMNS if f"meta/{c}" not in h5]
         if missing:
             raise ValueError(f"{path} is damaged: it lacks {', '.join('meta/' + c for c in missing)}")
+        check_meta(h5, path)
         return {c: read_column(h5, c) for c in meta_columns(h5)}
 
 

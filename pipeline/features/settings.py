@@ -8,6 +8,9 @@ import json
 from pipeline.features import provenance
 
 
+WEIGHTS_SHA256 = "weights_sha256"   # settings key: {backbone: sha256 of its weights' bytes} ("none": random init)
+
+
 class SettingsMismatch(ValueError):
     """A file or resume folder was made with other settings than the ones asked for."""
 

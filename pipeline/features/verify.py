@@ -184,7 +184,7 @@ def verify_file(path, data_dir=None, n: int = 32, seed: int = 0, weights: dict[s
     a different one makes the torch-cpu-against-itself check meaningful.
     """
     from pipeline.backbones.descriptors import dataset_path
-    from pipeline.features.read import read_settings
+    from pipeline.features.read import meta_problem, read_settings
     from pipeline.images.decoders import make_decoder
 
     path = Path(path)
@@ -197,6 +197,7 @@ def verify_file(path, data_dir=None, n: int = 32, seed: int = 0, weights: dict[s
         raise VerifyError(f"{path} was featurized with faces cut out ({settings['faces']}); verify checks "
                           f"whole-picture files (--faces aligned) only, so far")
     with h5py.File(path, "r") as h5:
+        meta_edited = meta_problem(h5)   # labels changed after writing: the features may still match
         total = len(h5["meta/age"])
         if total == 0:
             raise VerifyError(f"{path} holds no rows to verify")
@@ -211,6 +212,8 @@ def verify_file(path, data_dir=None, n: int = 32, seed: int = 0, weights: dict[s
                           f"pass the data folder the file was featurized from (--data)")
 
     report = VerifyReport(str(path), rows, seed, provenance.describe_all(settings))
+    if meta_edited:
+        report.problems.append(f"{path}: {meta_edited}")
     reference_decoder = make_decoder("torch", "cpu", reference_batch_size or batch_size)
     runner = _reference_runner(settings, weights)
     record_of_row = {}

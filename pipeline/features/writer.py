@@ -30,6 +30,7 @@ from pipeline.features.safe_io import (
     is_no_space,
     reserve_space,
 )
+from pipeline.features.read import META_DIGEST_ATTR, meta_digests
 from pipeline.features.settings import SettingsMismatch, fingerprint
 
 
@@ -101,6 +102,8 @@ def write_meta(h5: h5py.File, meta: dict[str, np.ndarray]) -> None:
             h5.create_dataset(f"meta/{column}", data=values.astype(np.float32))
         else:
             h5.create_dataset(f"meta/{column}", data=values.astype(np.int64))
+    # Digests of the columns as read back: read_meta, merge and verify refuse a file whose labels were edited.
+    h5["meta"].attrs[META_DIGEST_ATTR] = json.dumps(meta_digests(h5), sort_keys=True)
 
 
 def write_skipped(h5: h5py.File, skipped: list[tuple[str, str]]) -> None:
@@ -181,6 +184,14 @@ def assemble(out_path: Path, parts: PartsFolder, meta: dict[str, np.ndarray], wi
     kept_rows, failed, fallbacks, ranges = [], [], [], []
     for part in parts.parts():
         with np.load(part.path) as batch:
+            for name, outputs in _output_widths(widths).items():
+                for output, width in outputs.items():
+                    found = batch[f"{output}_{name}"].shape if f"{output}_{name}" in batch.files else None
+                    if found is None or found[1:] != (2, width):
+                        raise SettingsMismatch(f"{part.path} holds {output} of {name} "
+                                               f"{'missing' if found is None else f'{found[-1]} wide'}, not {width}: "
+                                               f"made by another graph or version; delete {parts.folder} to "
+                                               f"compute every batch again")
             kept_rows.append(batch["rows"])
             failed += list(zip(batch["failed_rows"].tolist(), batch["failed_reasons"].tolist()))
             if "fallback_paths" in batch.files:  # files a GPU decoder handed to the CPU (extract.run)

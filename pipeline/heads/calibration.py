@@ -15,12 +15,18 @@ bisection on it finds the one minimum, deterministically, without a step size.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
 
 METHODS = ("off", "temperature")
 T_RANGE = (1e-2, 1e2)   # a temperature outside this range means the scores are broken, not miscalibrated
+MIN_CALIBRATION_ROWS = 50   # fewer validation rows fit a temperature to noise (one row: ECE 37% -> 49%)
+
+
+class CalibrationWarning(UserWarning):
+    """A temperature was fitted on too few validation rows to be trusted."""
 
 
 def negative_log_likelihood(scores: torch.Tensor, groups: torch.Tensor, temperature: float = 1.0) -> float:
@@ -46,6 +52,10 @@ def fit_temperature(scores: torch.Tensor, groups: torch.Tensor, iterations: int 
                          f"{list(groups.shape)}")
     if not bool(torch.isfinite(scores).all()):
         raise ValueError("scores hold values that are not finite; cannot fit a temperature")
+    if scores.shape[0] < MIN_CALIBRATION_ROWS:
+        warnings.warn(f"the calibration temperature is fitted on only {scores.shape[0]} validation row(s) (fewer "
+                      f"than {MIN_CALIBRATION_ROWS}): it can make the probabilities worse, not better; use a larger "
+                      f"validation split, or --calibrate off", CalibrationWarning, stacklevel=2)
     scores, groups = scores.detach().double().cpu(), groups.detach().long().cpu()
     log_lo, log_hi = math.log(1 / T_RANGE[1]), math.log(1 / T_RANGE[0])   # in log beta
     slope_lo, slope_hi = _nll_slope(scores, groups, math.exp(log_lo)), _nll_slope(scores, groups, math.exp(log_hi))

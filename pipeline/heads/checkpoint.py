@@ -1,7 +1,12 @@
-"""A head's checkpoint: safetensors weights and a JSON header, saved, loaded and checked against features."""
+"""A head's checkpoint: safetensors weights and a JSON header, saved, loaded and checked against features.
+
+The header (head.json, repeated in the safetensors metadata) holds a sha256 of the weight tensors, and every
+value the head is built from is range-checked when it is loaded, not only when it is trained.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -10,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.files import input_problem
 from pipeline.heads.model import AgeHead, HeadMismatch
 
 FORMAT = "utkface-age-head/1"
@@ -55,6 +61,12 @@ def check_compatible(meta: dict, settings: dict) -> None:
         if name in have and str(weights.get(name)) != str(meta["weights"].get(name)):
             problems.append(f"weights of {name}: the head was trained on features from weights "
                             f"{meta['weights'].get(name)!r}; these features come from {weights.get(name)!r}")
+    mine_sha, their_sha = meta.get("weights_sha256") or {}, settings.get("weights_sha256") or {}
+    for name in meta["backbones"]:  # heads and files made before the weights' sha256 was recorded carry none
+        if name in mine_sha and name in their_sha and mine_sha[name] != their_sha[name]:
+            problems.append(f"weights of {name}: the head was trained on features from weights with sha256 "
+                            f"{str(mine_sha[name])[:12]}...; these features come from {str(their_sha[name])[:12]}... "
+                            f"(same id {weights.get(name)!r}, other bytes)")
     edges = [int(e) for e in settings.get("group_edges", [])]
     if edges != [int(e) for e in meta["group_edges"]]:
         problems.append(f"group_edges (bins): the head predicts groups {meta['group_edges']}; "
@@ -115,10 +127,12 @@ def save_checkpoint(out, head: AgeHead, meta: dict) -> Path:
         raise ValueError(f"refusing to save a head to {folder}: {bad} holds values that are not finite "
                          f"(did training diverge?)")
     tmp = weights_path.with_name(weights_path.name + ".tmp")
+    digest = state_digest(state)
     # The weights file repeats what the head was trained on, so that an edited head.json is caught at load.
-    save_file(state, str(tmp), metadata={"format": FORMAT, "identity": json.dumps(_identity(meta), sort_keys=True)})
+    save_file(state, str(tmp), metadata={"format": FORMAT, "identity": json.dumps(_identity(meta), sort_keys=True),
+                                         DIGEST_KEY: digest})
     tmp.replace(weights_path)
-    full = {"format": FORMAT, **meta}
+    full = {"format": FORMAT, **meta, DIGEST_KEY: digest}
     tmp = meta_path.with_name(meta_path.name + ".tmp")
     tmp.write_text(json.dumps(_jsonable(full), indent=1, sort_keys=True))
     tmp.replace(meta_path)
@@ -132,9 +146,12 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> HeadCheckpoint:
 
     weights_path, meta_path = _checkpoint_paths(path)
     for p in (weights_path, meta_path):
-        if not p.is_file():
+        problem = input_problem(p)
+        if problem == "does not exist":
             raise CheckpointError(f"{path} is not a head checkpoint: {p} is missing "
                                   f"(a checkpoint is a folder with {WEIGHTS_FILE} and {META_FILE})")
+        if problem:
+            raise CheckpointError(f"{p} {problem}")
     try:
         meta = json.loads(meta_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -160,7 +177,13 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> HeadCheckpoint:
     bad = _non_finite(state)
     if bad:
         raise CheckpointError(f"{weights_path}: {bad} holds values that are not finite; this head cannot be used")
-    head = AgeHead(meta["feature_dim"], meta["hidden"], 0.0, meta["group_edges"], meta["target"])
+    recorded = [(name, d) for name, d in ((META_FILE, meta.get(DIGEST_KEY)), (WEIGHTS_FILE, stored.get(DIGEST_KEY)))
+                if d is not None]   # heads saved before the digest carry none
+    found = state_digest(state)
+    for name, digest in recorded:
+        if digest != found:
+            raise CheckpointError(f"{weights_path}: its weights were changed after training (their sha256 is "
+                                  f"{found[:12]}..., {name} records {str(digest)[:12]}...); this head cannot be used")
     # Heads saved before temperature scaling existed hold no temperature: they are uncalibrated, T = 1.
     state.setdefault("calibration_temperature", torch.ones(()))
     stored_t, described_t = float(state["calibration_temperature"]), calibration_temperature(meta)
@@ -168,6 +191,10 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> HeadCheckpoint:
         raise CheckpointError(f"{meta_path} was edited after training and no longer describes its weights:\n  "
                               f"calibration temperature: {WEIGHTS_FILE} holds {stored_t!r}, {META_FILE} says "
                               f"{described_t!r}")
+    problem = header_problem(meta, state)
+    if problem:
+        raise CheckpointError(f"{meta_path}: {problem}; this head cannot be used")
+    head = AgeHead(meta["feature_dim"], meta["hidden"], 0.0, meta["group_edges"], meta["target"])
     try:
         head.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -176,6 +203,64 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> HeadCheckpoint:
     for p in head.parameters():
         p.requires_grad_(False)
     return HeadCheckpoint(head, meta)
+
+
+DIGEST_KEY = "weights_sha256"   # head.json and the safetensors metadata: sha256 of the weight tensors
+
+
+def state_digest(state: dict) -> str:
+    """sha256 of every tensor (name, dtype, shape, bytes), in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(state[name].shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _positive_ints(value, at_least: int = 1) -> bool:
+    return (isinstance(value, list) and len(value) >= at_least
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))
+
+
+def header_problem(meta: dict, state: dict) -> str | None:
+    """What is out of range in a head's header and buffers (None when all is in range).
+
+    Checked at every load: the temperature in calibration.T_RANGE, feature_std > 0, every buffer finite,
+    widths and groups positive and consistent. A value out of range would load and silently give NaN or
+    flipped answers (feature_std 0: NaN; temperature 1e30: every probability equal).
+    """
+    from pipeline.heads.calibration import T_RANGE
+    from pipeline.heads.model import TARGETS
+
+    dim = meta.get("feature_dim")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+        return f"feature_dim {dim!r} is not a positive whole number"
+    if not _positive_ints(meta.get("hidden"), 0):
+        return f"hidden {meta.get('hidden')!r} is not a list of positive widths"
+    edges = meta.get("group_edges")
+    if not _positive_ints(edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+        return f"group_edges {edges!r} are not increasing positive ages"
+    if meta.get("target") not in TARGETS:
+        return f"target {meta.get('target')!r} is not one of {', '.join(TARGETS)}"
+    names = meta.get("class_names")
+    if names is not None and (not isinstance(names, list) or len(names) != len(edges)):
+        return f"class_names {names!r} do not name its {len(edges)} groups"
+    low, high = T_RANGE
+    t = calibration_temperature(meta)
+    if t is None or not low * (1 - 1e-6) <= t <= high * (1 + 1e-6):
+        return (f"calibration temperature {(meta.get('calibration') or {}).get('temperature')!r} is outside "
+                f"[{low:g}, {high:g}]")
+    std = state.get("feature_std")
+    if std is None or std.shape != (dim,) or not bool((std > 0).all()):
+        return f"feature_std is not {dim} positive values"
+    mean = state.get("feature_mean")
+    if mean is None or mean.shape != (dim,):
+        return f"feature_mean is not {dim} values"
+    for name in ("age_scale", "temperature"):   # age heads: years = out * age_scale + shift; ordinal scores / T
+        if name in state and not float(state[name]) > 0:
+            return f"{name} {float(state[name])!r} is not above 0"
+    return None
 
 
 def calibration_temperature(meta: dict) -> float | None:

@@ -147,6 +147,7 @@ def result_meta(loaded, result: HeadResult, split_file=None, rank: int = 1, n_co
     return {
         "backbones": list(loaded.backbones),
         "weights": {name: settings["weights"][name] for name in loaded.backbones},
+        "weights_sha256": settings.get("weights_sha256"),  # the weights' bytes (None: features made before)
         "feature_kind": loaded.feature_kind,
         "group_edges": list(loaded.group_edges),
         "class_names": group_names(loaded.group_edges),

@@ -112,15 +112,40 @@ def parse_name(name: str) -> tuple[int, int, int]:
     return age, gender, race
 
 
+_PLAIN_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?", re.ASCII)
+
+
 def parse_age(text: str) -> int:
-    """'34' or '34.0' -> 34. Raises ValueError for anything else (no silent rounding)."""
+    """'34' or '34.0' -> 34. Raises ValueError for anything else (no silent rounding).
+
+    Plain decimal numbers only: float() would also read '2_5' as 25, '1e1' as 10 and '1e-400' as 0.
+    """
+    text = text.strip()
     try:
         value = float(text)
     except ValueError:
         raise ValueError(f"age {text!r} is not a number") from None
+    if not _PLAIN_DECIMAL.fullmatch(text):
+        raise ValueError(f"age {text!r} is not a plain decimal number (digits, optionally .0)")
     if not math.isfinite(value) or value != int(value):
         raise ValueError(f"age {text!r} is not a whole number of years")
     return int(value)
+
+
+def inside_data_folder(path: Path, given_dir: Path, resolved_dir: Path) -> Path:
+    """The data-folder-relative form of an absolute label path, or ValueError when it is outside.
+
+    Tried as written against the folder as given (a path through a link inside the folder is accepted like
+    its relative form), then with every link resolved.
+    """
+    if ".." in path.parts:
+        raise ValueError("path leaves the data folder ('..')")
+    for candidate, folder in ((path, given_dir), (path.resolve(), resolved_dir)):
+        try:
+            return candidate.relative_to(folder)
+        except ValueError:
+            continue
+    raise ValueError("path is outside the data folder")
 
 
 def parse_group(text: str, edges) -> int:
@@ -364,6 +389,7 @@ class CsvLabels(LabelSource):
         return f"{where} lacks {what}; columns found: {', '.join(repr(c) for c in found)}{hint}"
 
     def rows(self, data_dir, edges):
+        self._given_dir = Path(os.path.abspath(data_dir))   # as given: an absolute path may pass through its links
         data_dir = Path(data_dir).resolve()
         rows, skipped = [], []
         for n, values, problem in self._records():
@@ -383,10 +409,7 @@ class CsvLabels(LabelSource):
             raise ValueError("empty path")
         rel = Path(path)
         if rel.is_absolute():
-            try:
-                rel = rel.resolve().relative_to(data_dir)
-            except ValueError:
-                raise ValueError("path is outside the data folder") from None
+            rel = inside_data_folder(rel, self._given_dir, data_dir)
         if ".." in rel.parts:
             raise ValueError("path leaves the data folder ('..')")
         age = group = None

@@ -21,7 +21,7 @@ from pipeline.heads.checkpoint import load_checkpoint
 from pipeline.heads.data import load_training_data
 from pipeline.heads.regroup import RegroupError, regroup_training_set
 from pipeline.ingest.dataset import age_to_group
-from tests.support.synthetic import make_feature_file
+from tests.support.synthetic import make_feature_file, reseal
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -49,7 +49,7 @@ def group_only(feature_file, tmp_path_factory) -> Path:
         ages = h5["meta/age"][()]
         ages[::7] = -1
         h5["meta/age"][...] = ages
-    return path
+    return reseal(path)
 
 
 def test_regrouped_training_set_follows_the_ages_and_keeps_the_split(feature_file):

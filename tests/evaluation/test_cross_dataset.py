@@ -21,6 +21,7 @@ from pipeline.cli.train_head import main as train_head_cli
 from pipeline.evaluation.evaluate import cross_dataset_overlap
 from pipeline.features.read import read_features, read_meta
 from pipeline.heads.checkpoint import load_checkpoint
+from tests.support.synthetic import reseal
 from tests.support.folders import face_like, write_utk_folder
 
 
@@ -123,7 +124,7 @@ def _edited_copy(source: Path, target: Path, **changes) -> Path:
             else:
                 settings[key] = value
         h5.attrs["settings"] = json.dumps(settings, sort_keys=True)
-    return target
+    return reseal(target)   # a file featurized with those settings, not a hand-edited one
 
 
 @pytest.mark.parametrize("changes, named", [
@@ -148,6 +149,7 @@ def test_other_bins_without_ages_are_refused(two_datasets, tmp_path):
     other = _edited_copy(root / "b.h5", tmp_path / "other.h5", group_edges=[30, 60, 116])
     with h5py.File(other, "r+") as h5:
         h5["meta/age"][0] = -1
+    reseal(other)
     result = invoke(evaluate_main, root / "head", "--features", root / "a.h5", "--features", other,
                     "--split", "all", "-o", tmp_path / "out", ok=(1,))
     assert str(other) in result.output and "labelled with a group only (stored age -1)" in result.output

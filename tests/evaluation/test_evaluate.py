@@ -27,7 +27,7 @@ from pipeline.heads.model import AgeHead
 from pipeline.images.views import load_rgb, preprocess_rgb
 from tests.support.folders import face_like, write_utk_folder
 from tests.support.imagefactory import write_garbage, write_truncated_jpeg
-from tests.support.synthetic import make_feature_file
+from tests.support.synthetic import make_feature_file, reseal
 
 SMALL = {"mobilenet_v2": (32, 16), "resnet50": (24, 12)}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -343,6 +343,7 @@ def test_mismatched_checkpoint_and_features_are_refused(checkpoints, tmp_path):
                                    edges=(30, 60, 116))
     with h5py.File(other_bins, "r+") as h5:
         h5["meta/age"][0] = -1
+    reseal(other_bins)
     result = run(evaluate_main, [checkpoints["group"], "--features", other_bins, "-o", tmp_path / "o3"])
     assert result.exit_code == 1 and "labelled with a group only" in result.output
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()  # nothing written

@@ -458,13 +458,14 @@ def test_labels_file_is_part_of_the_settings_and_a_straddling_subject_is_warned(
 def test_age_head_is_refused_on_rows_labelled_with_a_group_only(tmp_path):
     """Range labels store age -1; an age regression on them would learn -1 as an age."""
     from pipeline.cli.train_head import main as train_head_cli
-    from tests.support.synthetic import make_feature_file
+    from tests.support.synthetic import make_feature_file, reseal
 
     path = make_feature_file(tmp_path / "f.h5", n=80, widths={"mobilenet_v2": (16, 8)})
     with h5py.File(path, "r+") as h5:
         ages = h5["meta/age"][()]
         ages[::3] = -1
         h5["meta/age"][...] = ages
+    reseal(path)   # as if featurized from range labels
     common = [str(path), "--backbones", "mobilenet_v2", "--epochs", "1", "--device", "cpu", "--threads", "1", "--quiet"]
     for target in ("age", "soft"):  # both learn from the age in years
         result = CliRunner().invoke(train_head_cli, common + ["-o", str(tmp_path / target), "--target", target])
