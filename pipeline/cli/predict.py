@@ -184,7 +184,7 @@ def report(records, failures, total, dropped, annotated_dir) -> None:
         for file in empty:
             click.echo(f"  {file}: no face found", err=True)
     if dropped:
-        click.echo(f"left out {dropped} pictures inside {annotated_dir} (predict's own annotated copies)", err=True)
+        click.echo(f"left out {dropped} of predict's own annotated copies among the inputs", err=True)
     if failures:
         click.echo(f"could not predict {len(failures)} of {total} images:", err=True)
         for file, reason in failures:

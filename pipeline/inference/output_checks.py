@@ -61,10 +61,24 @@ def annotated_problem(annotated_dir: Path, inputs: Sequence[Path]) -> str | None
     return None
 
 
+def is_annotated_copy(path: Path) -> bool:
+    """Whether `path` is an annotated copy predict wrote (a PNG carrying faces.drawing.ANNOTATED_MARK)."""
+    if path.suffix.lower() != ".png":
+        return False
+    from PIL import Image
+
+    from pipeline.faces.drawing import ANNOTATED_MARK
+
+    try:
+        with Image.open(path) as image:  # text chunks before the pixels: read with the header
+            return image.text.get("Software") == ANNOTATED_MARK
+    except (OSError, ValueError):
+        return False  # unreadable: left to the decoder, which says why
+
+
 def drop_own_outputs(files: list[Path], annotated_dir: Path | None) -> tuple[list[Path], int]:
-    """(files without those inside `annotated_dir`, how many were dropped): predict never labels its own copies."""
-    if annotated_dir is None:
-        return files, 0
-    target = annotated_dir.resolve()
-    kept = [f for f in files if not _inside(f.resolve(), target)]
+    """(files less predict's own annotated copies, how many were dropped): those inside `annotated_dir`,
+    and those marked as annotated copies wherever they are, so a copy is never labelled as a photo."""
+    target = None if annotated_dir is None else annotated_dir.resolve()
+    kept = [f for f in files if not (target is not None and _inside(f.resolve(), target)) and not is_annotated_copy(f)]
     return kept, len(files) - len(kept)

@@ -183,8 +183,8 @@ def face_probabilities(predictor: Predictor, faces: list, tta: bool = False) -> 
     runs = []
     for zoom in zooms:
         # A picture used whole (an aligned crop) has no framing to vary: it stays as it is.
-        crops = [aligned.crop if zoom == 1.0 or aligned.framing == WHOLE else align_face(rgb, aligned.face, zoom=zoom).crop
-                 for rgb, aligned in faces]
+        crops = [aligned.crop if zoom == 1.0 or aligned.framing == WHOLE
+                 else align_face(rgb, aligned.face, zoom=zoom).crop for rgb, aligned in faces]
         runs.append(predictor(crops_to_views(crops, predictor.device), tta))
     probs = np.mean([p for p, _ in runs], axis=0)
     ages = None if runs[0][1] is None else np.mean([a for _, a in runs], axis=0)
@@ -193,9 +193,7 @@ def face_probabilities(predictor: Predictor, faces: list, tta: bool = False) -> 
 
 def write_annotated(pictures, predictions: list[Prediction], class_names: list[str], folder: Path) -> list[Path]:
     """One PNG per picture: the photo with each face's box, index, group and probability (and age)."""
-    from PIL import Image
-
-    from pipeline.faces.drawing import annotate_faces
+    from pipeline.faces.drawing import annotate_faces, save_annotated
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -208,6 +206,6 @@ def write_annotated(pictures, predictions: list[Prediction], class_names: list[s
         while path in written:  # two photos with the same name in different folders
             counter += 1
             path = folder / f"{Path(picture.path).stem}_faces-{counter}.png"
-        Image.fromarray(annotate_faces(picture.rgb, [p.box for p in own], labels)).save(path)
+        save_annotated(path, annotate_faces(picture.rgb, [p.box for p in own], labels))
         written.append(path)
     return written
