@@ -89,7 +89,8 @@ def write_records(records: list[dict], class_names: list[str], path: Path) -> No
 
 
 def records_csv(records: list[dict], class_names: list[str]) -> str:
-    """CSV: one row per face, and one (face columns empty) per picture with no face or that failed."""
+    """CSV: one row per face, and one (face columns empty) per picture with no face; pictures that could not be
+    read have none (predict lists them with the reason)."""
     with_age = any(face["age"] is not None for record in records for face in record["faces"])
     landmark_columns = [f"{name}_{axis}" for name in LANDMARK_NAMES for axis in "xy"]
     header = (["file", "face", "x0", "y0", "x1", "y1", "score"] + landmark_columns + ["group"]
@@ -98,9 +99,10 @@ def records_csv(records: list[dict], class_names: list[str]) -> str:
     writer = csv.writer(out)
     writer.writerow([csv_cell(cell) for cell in header])
     for record in records:
+        if "error" in record:
+            continue
         if not record["faces"]:
-            note = record.get("error") or "no face found"
-            writer.writerow([csv_cell(record["file"])] + [""] * (len(header) - 2) + [csv_cell(note)])
+            writer.writerow([csv_cell(record["file"])] + [""] * (len(header) - 2) + ["no face found"])
         for index, face in enumerate(record["faces"]):
             points = face["landmarks"] or [[None, None]] * len(LANDMARK_NAMES)
             row = ([record["file"], index] + (face["box"] or [None] * 4) + [face["score"]]
