@@ -20,14 +20,15 @@ FEATURES=${FEATURES:-$WORK/mnv2_detect.h5}
 mkdir -p "$WORK"
 
 if [ ! -f "$FEATURES" ]; then
-  "${BIN}featurize" "$DATA" -o "$FEATURES" --backbones mobilenet_v2 --faces detect
+  "${BIN}featurize" "$DATA" -o "$FEATURES" --backbones mobilenet_v2 --faces detect --engine onnxruntime --device cpu
 fi
 for recipe in paper strong; do
   "${BIN}train-head" "$FEATURES" --backbones mobilenet_v2 --recipe "$recipe" --seed 0 -o "$WORK/$recipe"
 done
-"$PY" -m pipeline.models.build "$FEATURES" "$WORK/paper" "$WORK/strong" --into "$MODEL" --work "$WORK" \
-  | tee "$WORK/package.json"
+"$PY" -m pipeline.models.build "$FEATURES" "$WORK/paper" "$WORK/strong" --into "$MODEL" | tee "$WORK/package.json"
+# The scenes get only the model's test faces: every other UTKFace file is excluded.
+ls "$DATA" | grep -vxF -f "$MODEL/test_files.txt" > "$WORK/not_test_files.txt"
 "${BIN}evaluate" "$MODEL" --features "$FEATURES" --split test -o "$WORK/evaluate"
 "$PY" -m benchmarks.faces --data "$DATA" --head "$MODEL" --exclude "$WORK/not_test_files.txt" \
-  --scenes "${SCENES:-400}" --crop-faces detect --speed-backbones "" --work "$WORK/scenes" | tee "$WORK/scenes.md"
+  --scenes "${SCENES:-300}" --crop-faces detect --speed-backbones "" --work "$WORK/scenes" | tee "$WORK/scenes.md"
 du -ch "$MODEL"/* | tail -1

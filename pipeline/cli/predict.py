@@ -94,13 +94,14 @@ def main(images, checkpoints, weights, tta, batch_size, device, decoder, out, qu
         raise click.ClickException("no image to label:\n" + "\n".join(f"  {item}: {reason}" for item, reason in problems))
     if out is not None:
         require_writable(out)  # a read-only folder: one line, before the model is built
-    predictor, mode = load_predictor(checkpoints, weights, faces, device, engine, precision, files)
-    if mode.name != "detect":
+    loaded, labels = load_heads(checkpoints)
+    if (faces or framing_of(loaded, labels)) != "detect":
         annotated_dir = None  # pictures used whole: nothing to draw
     elif annotated_dir is not None:
         problem = annotated_problem(annotated_dir, images)
         if problem:
             raise click.ClickException(problem)
+    predictor, mode = load_predictor(loaded, labels, weights, faces, device, engine, precision, files)
     records, failures, annotated = run_predictions(predictor, mode, files, decoder, batch_size, tta, annotated_dir,
                                                    max_pixels, quiet)
     failures = problems + failures
@@ -123,18 +124,34 @@ def main(images, checkpoints, weights, tta, batch_size, device, decoder, out, qu
     finish(len(failures))  # exit 3: some images were not labelled (listed above)
 
 
-def load_predictor(checkpoints, weights, faces, device, engine, precision, files):
-    """The Predictor and face mode, or one line saying why not."""
-    from pipeline.backbones.registry import RebuildError, WeightsUnavailable
+def load_heads(checkpoints):
+    """(loaded heads, their labels), or one line saying why not."""
     from pipeline.heads.checkpoint import CheckpointError
-    from pipeline.inference.estimator import load_heads, open_predictor
+    from pipeline.inference.estimator import load_heads as load
 
     try:
-        loaded, labels = load_heads(list(checkpoints) or [None])
+        return load(list(checkpoints) or [None])
     except (FileNotFoundError, CheckpointError) as err:
         raise click.ClickException(str(err)) from err
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise click.ClickException(f"cannot load the checkpoint: {err}") from err
+
+
+def framing_of(loaded, labels) -> str:
+    """The heads' one face framing, or one line when an ensemble mixes framings."""
+    from pipeline.inference.framing import FramingMismatch, framing_of_heads
+
+    try:
+        return framing_of_heads([ckpt.meta for ckpt in loaded], labels)
+    except FramingMismatch as err:
+        raise click.ClickException(str(err)) from err
+
+
+def load_predictor(loaded, labels, weights, faces, device, engine, precision, files):
+    """The Predictor and face mode, or one line saying why not."""
+    from pipeline.backbones.registry import RebuildError, WeightsUnavailable
+    from pipeline.inference.estimator import open_predictor
+
     backbones = list(dict.fromkeys(name for ckpt in loaded for name in ckpt.meta["backbones"]))
     try:
         return open_predictor(loaded, labels, faces, device, engine, precision, parse_weight_pairs(weights, backbones),

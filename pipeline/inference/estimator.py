@@ -97,7 +97,7 @@ class AgeEstimator:
 
     >>> from pipeline import AgeEstimator
     >>> estimator = AgeEstimator()                  # the shipped default model
-    >>> faces = estimator.predict("sample/utkface/26_0_0_20170117195950036.jpg.chip.jpg")
+    >>> faces = estimator.predict("sample/utkface/45_1_1_20170117164742977.jpg.chip.jpg")
     >>> len(faces), sorted(faces[0])
     (1, ['age', 'box', 'group', 'landmarks', 'probabilities', 'score'])
     >>> faces[0]["group"] in faces[0]["probabilities"]

@@ -1,11 +1,10 @@
 """Package a trained head as a shipped model (scripts/build_default_model.sh runs this).
 
-    python -m pipeline.models.build FEATURES.h5 HEAD_DIR [HEAD_DIR...] --into pipeline/models/FOLDER --work DIR
+    python -m pipeline.models.build FEATURES.h5 HEAD_DIR [HEAD_DIR...] --into pipeline/models/FOLDER
 
 Picks the head with the best validation accuracy, copies it into the model folder with the sha256 of each
-backbone weights file it needs (checked at load, inference/weights_check.py), writes test_files.txt (the
-feature file's test split, file names only) and, under --work, the files the scene benchmark must not paste
-(train and validation). Prints the hashes the model card quotes.
+backbone weights file it needs (checked at load, inference/weights_check.py) and writes test_files.txt (the
+feature file's test split, file names only). Prints the hashes the model card quotes.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ def best_head(heads: list[Path]) -> Path:
     return max(scored)[2]
 
 
-def package(features: Path, head: Path, into: Path, work: Path) -> dict:
+def package(features: Path, head: Path, into: Path) -> dict:
     """Copy `head` into `into` as a shipped model; returns the hashes and counts the card quotes."""
     from pipeline.inference.weights_check import weights_file_path
 
@@ -61,9 +60,6 @@ def package(features: Path, head: Path, into: Path, work: Path) -> dict:
     write_json_atomically(into / "head.json", meta)
     splits = split_names(features)
     write_bytes_atomically(into / "test_files.txt", "".join(f"{n}\n" for n in splits["test"]).encode())
-    work.mkdir(parents=True, exist_ok=True)
-    seen = sorted(n for split, files in splits.items() if split != "test" for n in files)
-    write_bytes_atomically(work / "not_test_files.txt", "".join(f"{n}\n" for n in seen).encode())
     return {"head": str(head), "recipe": meta["config"].get("recipe"), "val_acc": meta["metrics"]["val_acc"],
             "weights_sha256": hashes, "split_sha256": split_digest(splits),
             "test_files_sha256": file_sha256(into / "test_files.txt"),
@@ -76,9 +72,8 @@ def main() -> None:
     parser.add_argument("features", type=Path)
     parser.add_argument("heads", type=Path, nargs="+")
     parser.add_argument("--into", type=Path, required=True)
-    parser.add_argument("--work", type=Path, required=True)
     args = parser.parse_args()
-    summary = package(args.features, best_head(args.heads), args.into, args.work)
+    summary = package(args.features, best_head(args.heads), args.into)
     print(json.dumps(summary, indent=1))
 
 
