@@ -112,7 +112,7 @@ def main(images, checkpoints, weights, tta, batch_size, device, decoder, out, qu
         from pipeline.inference.records import write_records
 
         try:
-            write_records(records, class_names, out)
+            write_records(records, class_names, out, detected=mode.name == "detect")
         except OSError as err:
             raise output_error(out, err) from err
         click.echo(f"wrote {len(records)} pictures ({sum(len(r['faces']) for r in records)} faces) to {out}")

@@ -73,28 +73,34 @@ def whole_picture_box(path: str) -> list[float] | None:
     return [0.0, 0.0, float(width), float(height)]
 
 
-def write_records(records: list[dict], class_names: list[str], path: Path) -> None:
-    """Write picture records to `path` as CSV, JSON or JSON Lines, by its suffix (OUTPUT_SUFFIXES)."""
+def write_records(records: list[dict], class_names: list[str], path: Path, detected: bool = True) -> None:
+    """Write picture records to `path` as CSV, JSON or JSON Lines, by its suffix (OUTPUT_SUFFIXES).
+
+    detected: the faces were found in the pictures (the CSV then has the face columns; see records_csv)."""
     suffix = path.suffix.lower()
     if suffix == ".json":
         text = json.dumps(records, indent=1) + "\n"
     elif suffix == ".jsonl":
         text = "".join(json.dumps(record) + "\n" for record in records)
     elif suffix == ".csv":
-        text = records_csv(records, class_names)
+        text = records_csv(records, class_names, detected)
     else:
         raise ValueError(f"{path}: unknown output type {suffix!r}; use one of {', '.join(OUTPUT_SUFFIXES)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomically(path, text.encode("utf-8", errors="backslashreplace"))
 
 
-def records_csv(records: list[dict], class_names: list[str]) -> str:
+def records_csv(records: list[dict], class_names: list[str], detected: bool = True) -> str:
     """CSV: one row per face, and one (face columns empty) per picture with no face; pictures that could not be
-    read have none (predict lists them with the reason)."""
+    read have none (predict lists them with the reason).
+
+    Columns: file, [face, x0, y0, x1, y1, score,] group, p_<group>..., [age,] [landmark x/y..., note]; the
+    bracketed face columns only when faces were `detected` (pictures used whole have one face: all of it)."""
     with_age = any(face["age"] is not None for record in records for face in record["faces"])
     landmark_columns = [f"{name}_{axis}" for name in LANDMARK_NAMES for axis in "xy"]
-    header = (["file", "face", "x0", "y0", "x1", "y1", "score"] + landmark_columns + ["group"]
-              + [f"p_{name}" for name in class_names] + (["age"] if with_age else []) + ["note"])
+    header = (["file"] + (["face", "x0", "y0", "x1", "y1", "score"] if detected else []) + ["group"]
+              + [f"p_{name}" for name in class_names] + (["age"] if with_age else [])
+              + (landmark_columns + ["note"] if detected else []))
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow([csv_cell(cell) for cell in header])
@@ -105,9 +111,9 @@ def records_csv(records: list[dict], class_names: list[str]) -> str:
             writer.writerow([csv_cell(record["file"])] + [""] * (len(header) - 2) + ["no face found"])
         for index, face in enumerate(record["faces"]):
             points = face["landmarks"] or [[None, None]] * len(LANDMARK_NAMES)
-            row = ([record["file"], index] + (face["box"] or [None] * 4) + [face["score"]]
-                   + [v for point in points for v in point] + [face["group"]]
-                   + [f"{face['probabilities'][name]:.6f}" for name in class_names]
-                   + ([face["age"]] if with_age else []) + [""])
+            row = ([record["file"]] + ([index] + (face["box"] or [None] * 4) + [face["score"]] if detected else [])
+                   + [face["group"]] + [f"{face['probabilities'][name]:.6f}" for name in class_names]
+                   + ([face["age"]] if with_age else [])
+                   + ([v for point in points for v in point] + [""] if detected else []))
             writer.writerow([csv_cell("" if cell is None else cell) for cell in row])
     return out.getvalue()

@@ -40,6 +40,10 @@ def test_records_keep_every_picture_in_order_with_its_faces_or_its_error(tmp_pat
     assert [(r["file"], r["face"], r["group"], r["note"]) for r in rows] == [
         ("a.jpg", "", "", "no face found"), ("b.jpg", "0", "26-50", ""), ("b.jpg", "1", "0-25", "")]
     assert rows[1]["age"] == "33.3" and rows[1]["nose_x"] == "4.0" and rows[2]["nose_x"] == ""
+    # Pictures used whole (aligned crops): file, group, probabilities (and age), as before faces were detected.
+    whole = list(csv.reader(io.StringIO(records_csv(records[1:2], NAMES, detected=False))))
+    assert whole[0] == ["file", "group", "p_0-25", "p_26-50", "p_51-75", "p_76-116", "age"]
+    assert whole[1] == ["b.jpg", "26-50", "0.100000", "0.600000", "0.200000", "0.100000", "33.3"]
     with pytest.raises(ValueError, match="unknown output type '.txt'"):
         write_records(records, NAMES, tmp_path / "r.txt")
     assert not (tmp_path / "r.txt").exists()
