@@ -91,7 +91,8 @@ def main(images, checkpoints, weights, tta, batch_size, device, decoder, out, qu
         annotated_dir = out.with_name(f"{out.stem}_annotated")
     files, dropped = drop_own_outputs(files, annotated_dir)
     if not files:
-        raise click.ClickException("no image to label:\n" + "\n".join(f"  {item}: {reason}" for item, reason in problems))
+        listed = "\n".join(f"  {item}: {reason}" for item, reason in problems)
+        raise click.ClickException("no image to label:\n" + listed)
     if out is not None:
         require_writable(out)  # a read-only folder: one line, before the model is built
     loaded, labels = load_heads(checkpoints)

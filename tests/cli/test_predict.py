@@ -100,7 +100,6 @@ def test_jsonl_and_csv_hold_a_row_for_a_picture_without_a_face_and_escape_formul
 
 
 def test_outputs_that_would_clobber_or_mix_with_inputs_are_refused_in_one_line(photos, heads, tmp_path):
-    from pipeline.features.writer import __name__ as _  # noqa: F401  (the HDF5 signature below is h5py's own)
     import h5py
 
     feature_file = tmp_path / "features.csv"

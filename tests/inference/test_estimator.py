@@ -173,7 +173,7 @@ def test_the_docstring_example_runs(monkeypatch):
     tests = finder.find(AgeEstimator, "AgeEstimator", globs={})
     assert tests and tests[0].examples
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)   # the shipped model on this version: no framing or detector warning
+        warnings.simplefilter("error", UserWarning)   # the shipped model here: no framing or detector warning
         for test in tests:
             runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
