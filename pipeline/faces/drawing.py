@@ -6,6 +6,9 @@ from typing import Sequence
 
 import numpy as np
 
+# Written into every annotated copy (PNG "Software" text), so predict knows its own copies and never labels them.
+ANNOTATED_MARK = "frozen-age predict: annotated copy"
+
 
 def label_font(size: int):
     from PIL import ImageFont
@@ -33,3 +36,12 @@ def annotate_faces(rgb: np.ndarray, boxes: Sequence[Sequence[float]], labels: Se
         draw.rectangle([x0, ty, x0 + (right - left) + 2 * line, ty + (bottom - top) + 2 * line], fill=(255, 40, 40))
         draw.text((x0 + line, ty + line - (top - y0)), label, fill=(255, 255, 255), font=font)
     return np.asarray(canvas)
+
+
+def save_annotated(path, rgb: np.ndarray) -> None:
+    """Save an annotated picture as PNG, marked (ANNOTATED_MARK) as predict's own output."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", ANNOTATED_MARK)
+    Image.fromarray(rgb).save(path, pnginfo=info)

@@ -21,6 +21,7 @@ class Prediction:
     face: int | None = None    # --faces detect: index of the face in its picture (largest first)
     box: np.ndarray | None = None      # --faces detect: x0, y0, x1, y1 in the picture's pixels
     score: float | None = None         # --faces detect: the detector's probability
+    landmarks: np.ndarray | None = None  # --faces detect: [5, 2] eyes, nose, mouth corners (x, y); NaN if unknown
 
 
 class Predictor:
@@ -109,28 +110,64 @@ def predict_files(predictor: Predictor, files: list[Path], decoder, batch_size: 
     return predictions, failures
 
 
-def predict_faces(predictor: Predictor, files: list[Path], mode, batch_size: int, tta: bool = False,
-                  annotated_dir: Path | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[list[Prediction], list[tuple[str, str]], list[Path]]:
-    """Every face of every picture: (one prediction per face, [(file, reason)] for pictures that failed or hold
-    no face, annotated copies written). Faces are cut out as featurize --faces detect does (faces/crops.py)."""
-    from pipeline.faces.crops import read_faces
+WHOLE = "whole"  # AlignedFace.framing of a picture used whole (a head trained on aligned crops)
 
-    predictions, failures, annotated = [], [], []
+
+def whole_picture(rgb: np.ndarray):
+    """The picture itself as its one face (faces.detect.AlignedFace), for heads trained on aligned crops."""
+    from pipeline.faces.detect import AlignedFace, Face
+
+    height, width = rgb.shape[:2]
+    face = Face(np.array([0, 0, width, height], np.float32), np.full((5, 2), np.nan, np.float32))
+    return AlignedFace(rgb, face, np.array([[1.0, 0, 0], [0, 1.0, 0]]), WHOLE)
+
+
+def picture_faces(name: str, rgb: np.ndarray, mode):
+    """faces.crops.PictureFaces of a decoded picture: every face `mode` finds, cut out (largest first), or the
+    whole picture when the mode is `aligned`."""
+    from pipeline.faces.crops import PictureFaces
+    from pipeline.faces.detect import align_face
+
+    if mode.name == "aligned":
+        return PictureFaces(name, rgb, [whole_picture(rgb)])
+    return PictureFaces(name, rgb, [align_face(rgb, face) for face in mode.locate(rgb)])
+
+
+def label_pictures(predictor: Predictor, pictures: list, batch_size: int, tta: bool = False) -> list[Prediction]:
+    """One prediction per face of every picture (faces.crops.PictureFaces), in picture order, largest first."""
+    faces = [(picture, k, aligned) for picture in pictures for k, aligned in enumerate(picture.faces)]
+    found = []
+    for start in range(0, len(faces), batch_size):  # a group photo can hold more faces than a batch
+        chunk = faces[start:start + batch_size]
+        probs, ages = face_probabilities(predictor, [(picture.rgb, aligned) for picture, _, aligned in chunk], tta)
+        found += [Prediction(picture.path, probs[i], None if ages is None else float(ages[i]), k,
+                             aligned.face.box.astype(float), float(aligned.face.score),
+                             aligned.face.landmarks.astype(float))
+                  for i, (picture, k, aligned) in enumerate(chunk)]
+    return found
+
+
+def predict_faces(predictor: Predictor, files: list[Path], mode, batch_size: int, tta: bool = False,
+                  annotated_dir: Path | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                  progress=None) -> tuple[list[Prediction], list[tuple[str, str]], list[str], list[Path]]:
+    """Every face of every picture: (one prediction per face, [(file, reason)] for pictures that could not be
+    read, pictures with no face, annotated copies written). Faces are cut out as featurize --faces detect
+    does (faces/crops.py). progress(n) is called as pictures are done."""
+    from pipeline.faces.crops import NO_FACE, read_faces
+
+    predictions, failures, empty, annotated = [], [], [], []
     for lo in range(0, len(files), batch_size):
-        pictures, bad = read_faces([str(p) for p in files[lo:lo + batch_size]], mode, max_pixels)
-        failures += bad
-        faces = [(picture, k, aligned) for picture in pictures for k, aligned in enumerate(picture.faces)]
-        found = []
-        for start in range(0, len(faces), batch_size):  # a group photo can hold more faces than a batch
-            chunk = faces[start:start + batch_size]
-            probs, ages = face_probabilities(predictor, [(picture.rgb, aligned) for picture, _, aligned in chunk], tta)
-            found += [Prediction(picture.path, probs[i], None if ages is None else float(ages[i]), k,
-                                 aligned.face.box.astype(float), float(aligned.face.score))
-                      for i, (picture, k, aligned) in enumerate(chunk)]
+        chunk = files[lo:lo + batch_size]
+        pictures, bad = read_faces([str(p) for p in chunk], mode, max_pixels)
+        empty += [file for file, reason in bad if reason == NO_FACE]
+        failures += [(file, reason) for file, reason in bad if reason != NO_FACE]
+        found = label_pictures(predictor, pictures, batch_size, tta)
         predictions += found
         if annotated_dir is not None:
             annotated += write_annotated(pictures, found, list(predictor.meta["class_names"]), annotated_dir)
-    return predictions, failures, annotated
+        if progress is not None:
+            progress(len(chunk))
+    return predictions, failures, empty, annotated
 
 
 def face_probabilities(predictor: Predictor, faces: list, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
@@ -145,8 +182,9 @@ def face_probabilities(predictor: Predictor, faces: list, tta: bool = False) -> 
     zooms = TTA_ZOOMS if tta else (1.0,)
     runs = []
     for zoom in zooms:
-        crops = [aligned.crop if zoom == 1.0 else align_face(rgb, aligned.face, zoom=zoom).crop
-                 for rgb, aligned in faces]
+        # A picture used whole (an aligned crop) has no framing to vary: it stays as it is.
+        crops = [aligned.crop if zoom == 1.0 or aligned.framing == WHOLE
+                 else align_face(rgb, aligned.face, zoom=zoom).crop for rgb, aligned in faces]
         runs.append(predictor(crops_to_views(crops, predictor.device), tta))
     probs = np.mean([p for p, _ in runs], axis=0)
     ages = None if runs[0][1] is None else np.mean([a for _, a in runs], axis=0)
@@ -155,9 +193,7 @@ def face_probabilities(predictor: Predictor, faces: list, tta: bool = False) -> 
 
 def write_annotated(pictures, predictions: list[Prediction], class_names: list[str], folder: Path) -> list[Path]:
     """One PNG per picture: the photo with each face's box, index, group and probability (and age)."""
-    from PIL import Image
-
-    from pipeline.faces.drawing import annotate_faces
+    from pipeline.faces.drawing import annotate_faces, save_annotated
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -170,6 +206,6 @@ def write_annotated(pictures, predictions: list[Prediction], class_names: list[s
         while path in written:  # two photos with the same name in different folders
             counter += 1
             path = folder / f"{Path(picture.path).stem}_faces-{counter}.png"
-        Image.fromarray(annotate_faces(picture.rgb, [p.box for p in own], labels)).save(path)
+        save_annotated(path, annotate_faces(picture.rgb, [p.box for p in own], labels))
         written.append(path)
     return written
