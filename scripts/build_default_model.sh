@@ -28,7 +28,7 @@ done
 "$PY" -m pipeline.models.build "$FEATURES" "$WORK/paper" "$WORK/strong" --into "$MODEL" | tee "$WORK/package.json"
 # The scenes get only the model's test faces: every other UTKFace file is excluded.
 ls "$DATA" | grep -vxF -f "$MODEL/test_files.txt" > "$WORK/not_test_files.txt"
-"${BIN}evaluate" "$MODEL" --features "$FEATURES" --split test -o "$WORK/evaluate"
+"${BIN}evaluate" -c "$MODEL" -f "$FEATURES" --split test -o "$WORK/evaluate"
 "$PY" -m benchmarks.faces --data "$DATA" --head "$MODEL" --exclude "$WORK/not_test_files.txt" \
   --scenes "${SCENES:-300}" --crop-faces detect --speed-backbones "" --work "$WORK/scenes" | tee "$WORK/scenes.md"
 du -ch "$MODEL"/* | tail -1

@@ -205,7 +205,7 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> HeadCheckpoint:
     return HeadCheckpoint(head, meta)
 
 
-DIGEST_KEY = "weights_sha256"   # head.json and the safetensors metadata: sha256 of the weight tensors
+DIGEST_KEY = "head_sha256"   # head.json and the safetensors metadata: sha256 of the head's own tensors
 
 
 def state_digest(state: dict) -> str:

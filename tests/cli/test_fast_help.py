@@ -25,10 +25,6 @@ COMMANDS = {
     "explain": "pipeline.cli.explain",
 }
 
-# Until then each predict case imports torch (several seconds), hence slow as well.
-PREDICT_PENDING = [pytest.mark.xfail(strict=False, reason="predict's own module gets its lazy imports from the "
-                                                          "change that adds the shipped model"), pytest.mark.slow]
-
 PROBE = """
 import json, sys
 sys.argv = [{name!r}, *{args!r}]
@@ -52,11 +48,7 @@ def run_command(name: str, *args: str) -> tuple[int, list[str], str]:
     return report["code"], report["heavy"], done.stdout + done.stderr
 
 
-def commands(*names):
-    return [pytest.param(n, marks=PREDICT_PENDING) if n == "predict" else n for n in names]
-
-
-@pytest.mark.parametrize("name", commands(*COMMANDS))
+@pytest.mark.parametrize("name", list(COMMANDS))
 def test_help_imports_no_heavy_library(name):
     code, heavy, output = run_command(name, "--help")
     assert code == 0 and "Usage:" in output, output
@@ -70,7 +62,7 @@ def test_help_imports_no_heavy_library(name):
     ("train-head", ["f.h5", "--backbones", "mobilenet_v2", "-o", "out", "--recipe", "fastest"]),
     ("evaluate", ["-o", "out"]),                    # missing -f/--feature-file
     ("explain", ["picture.jpg"]),                   # missing -c/--checkpoint
-    *[pytest.param("predict", ["--no-such-option"], marks=PREDICT_PENDING)],
+    ("predict", ["--no-such-option"]),
 ])
 def test_usage_errors_import_no_heavy_library(name, args):
     code, heavy, output = run_command(name, *args)

@@ -187,10 +187,10 @@ def test_t_round_trips_and_an_old_head_without_t_loads_with_t_1(tmp_path):
     save_checkpoint(old, head, minimal_meta(6, {"method": "temperature", "temperature": 2.5}))
     with safe_open(str(old / "head.safetensors"), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys() if k != "calibration_temperature"}
-        stored_meta = {k: v for k, v in f.metadata().items() if k != "weights_sha256"}  # older: no digest
+        stored_meta = {k: v for k, v in f.metadata().items() if k != "head_sha256"}  # older: no digest
     save_file(state, str(old / "head.safetensors"), metadata=stored_meta)
     meta = json.loads((old / "head.json").read_text())
-    del meta["calibration"], meta["weights_sha256"]
+    del meta["calibration"], meta["head_sha256"]
     (old / "head.json").write_text(json.dumps(meta))
     before = load_checkpoint(old)
     assert float(before.head.calibration_temperature) == 1.0

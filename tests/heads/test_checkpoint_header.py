@@ -40,7 +40,7 @@ def rewrite(folder, change_state, change_meta=None, reseal: bool = True) -> None
     if change_meta:
         change_meta(meta)
     if reseal:
-        metadata["weights_sha256"] = meta["weights_sha256"] = state_digest(state)
+        metadata["head_sha256"] = meta["head_sha256"] = state_digest(state)
     save_file(state, str(folder / "head.safetensors"), metadata=metadata)
     (folder / "head.json").write_text(json.dumps(meta))
 
@@ -72,7 +72,7 @@ def test_a_zero_feature_std_is_refused(tmp_path):
 def test_negated_weights_are_refused_by_their_digest(tmp_path):
     head = saved_head(tmp_path)
     loaded = load_checkpoint(tmp_path)
-    assert loaded.meta["weights_sha256"] == state_digest({k: v for k, v in head.state_dict().items()})
+    assert loaded.meta["head_sha256"] == state_digest({k: v for k, v in head.state_dict().items()})
 
     def negate(state):
         for name in state:
