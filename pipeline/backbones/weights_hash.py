@@ -94,3 +94,29 @@ def weights_sha256(name: str, weights) -> str:
         except Exception as err:  # offline, blocked download
             raise WeightsUnavailable(weights_help(name, member, err)) from err
     return remembered_sha256(checkpoint)
+
+
+class WeightsFileMismatch(ValueError):
+    """The weights file under the expected name is not the one a head was trained with."""
+
+
+def check_weights_files(meta: dict, label: str = "this head") -> list[str]:
+    """Raise WeightsFileMismatch (one line) when a head's recorded `weights_sha256` ({backbone: sha256}) differs
+    from the ImageNet checkpoint now in TORCH_HOME: torchvision finds its weights by file name and does not check
+    a file already there, so another file under that name would go unnoticed.
+
+    Returns the backbones whose file is not there yet (torchvision will download it; check again after)."""
+    absent = []
+    for backbone, expected in (meta.get("weights_sha256") or {}).items():
+        path = checkpoint_path(backbone, str(meta["weights"][backbone]))
+        if path is None or expected == "none":
+            continue
+        if not path.is_file():
+            absent.append(backbone)
+            continue
+        found = remembered_sha256(path)
+        if found != expected:
+            raise WeightsFileMismatch(
+                f"{path} is not the {backbone} weights file {label} was trained with (sha256 {found[:16]}..., "
+                f"expected {expected[:16]}...); put torchvision's own file there, or point TORCH_HOME elsewhere")
+    return absent

@@ -92,6 +92,23 @@ def _dump(data, path: Path) -> None:
     write_bytes_atomically(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
 
 
+def _write_evaluation(ev, folder: Path, tta: bool) -> dict:
+    """One head's folder: confusion, curves and reliability figures, predictions.csv, metrics.json."""
+    from pipeline.evaluation import figures
+    from pipeline.evaluation.tables import predictions_csv
+
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = ev.summary()
+    title = f"{ev.name} ({'+'.join(ev.meta['backbones'])}, {ev.split}{' +TTA' if tta else ''})"
+    figures.confusion_figure(ev.metrics["confusion"], list(ev.meta["class_names"]), folder / "confusion.png", title)
+    if "members" not in ev.meta:  # an ensemble has no training history of its own
+        figures.curves_figure(ev.meta.get("history") or [], ev.meta.get("best_epoch"), folder / "curves.png", ev.name)
+    figures.reliability_figure(ev.metrics["calibration"], folder / "reliability.png", ev.name)
+    write_bytes_atomically(folder / "predictions.csv", predictions_csv(ev))
+    _dump(summary, folder / "metrics.json")
+    return summary
+
+
 # One release of grace for the old spellings: --features FILE and the checkpoints as positional arguments.
 @click.command(cls=AliasedCommand, aliases={"--features": "--feature-file"}, hidden_arguments=("legacy_checkpoints",),
                context_settings={"help_option_names": ["-h", "--help"]})
@@ -136,9 +153,8 @@ def main(legacy_checkpoints, checkpoints, feature_files, split, cross_split, spl
     except OutputConflict as err:
         raise click.ClickException(str(err)) from err
 
-    from pipeline.evaluation import figures
     from pipeline.evaluation.evaluate import FeatureInputs, ensemble_evaluation, evaluate_checkpoint, is_in_domain
-    from pipeline.evaluation.tables import comparison_markdown, predictions_csv, terminal_table
+    from pipeline.evaluation.tables import comparison_markdown, terminal_table
     from pipeline.heads.model import HeadMismatch
     from pipeline.heads.regroup import RegroupError, inputs_in_bins
 
@@ -210,18 +226,7 @@ def main(legacy_checkpoints, checkpoints, feature_files, split, cross_split, spl
         "checkpoints": {},
     }
     for ev in evaluations:
-        folder = out / ev.name
-        folder.mkdir(parents=True, exist_ok=True)
-        summary = ev.summary()
-        title = f"{ev.name} ({'+'.join(ev.meta['backbones'])}, {ev.split}{' +TTA' if tta else ''})"
-        figures.confusion_figure(ev.metrics["confusion"], list(ev.meta["class_names"]), folder / "confusion.png", title)
-        if "members" not in ev.meta:  # an ensemble has no training history of its own
-            figures.curves_figure(ev.meta.get("history") or [], ev.meta.get("best_epoch"), folder / "curves.png",
-                                  ev.name)
-        figures.reliability_figure(ev.metrics["calibration"], folder / "reliability.png", ev.name)
-        write_bytes_atomically(folder / "predictions.csv", predictions_csv(ev))
-        _dump(summary, folder / "metrics.json")
-        everything["checkpoints"][ev.name] = summary
+        everything["checkpoints"][ev.name] = _write_evaluation(ev, out / ev.name, tta)
         for warning in ev.warnings:
             click.echo(f"warning: {ev.name}: {warning}", err=True)
 

@@ -1,7 +1,7 @@
 """AgeEstimator: the Python API. Pictures in (paths, PIL images or arrays), faces with age groups out.
 
 `open_predictor` is the loading path predict shares with it: heads by name or folder, the backbone weights
-file checked by content (weights_check), one face framing for all heads (framing), then the Predictor.
+file checked by content (backbones.weights_hash), one face framing for all heads (framing), then the Predictor.
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ def open_predictor(loaded: list, labels: list[str], faces: str | None = None, de
                    probe_files: Sequence = (), log: Callable = lambda *_: None, warn: Callable = warnings.warn):
     """(Predictor, face mode) for loaded heads. faces: 'aligned', 'detect' or None for the heads' own framing.
 
-    Raises framing.FramingMismatch for an ensemble of heads framed differently, weights_check.WeightsFileMismatch
+    Raises framing.FramingMismatch for an ensemble of heads framed differently, weights_hash.WeightsFileMismatch
     for a weights file other than the one a head records, and what Predictor raises. warn(line) is called for a
     --faces other than the heads' framing and for other detector settings.
     """
     from pipeline.faces.detect import make_face_mode
     from pipeline.inference.framing import detector_warning, framing_of_heads, framing_warning
     from pipeline.inference.predictor import Predictor
-    from pipeline.inference.weights_check import check_weights_files
+    from pipeline.backbones.weights_hash import check_weights_files
 
     trained = framing_of_heads([ckpt.meta for ckpt in loaded], labels)
     used = faces or trained

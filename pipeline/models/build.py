@@ -3,7 +3,7 @@
     python -m pipeline.models.build FEATURES.h5 HEAD_DIR [HEAD_DIR...] --into pipeline/models/FOLDER
 
 Picks the head with the best validation accuracy, copies it into the model folder with the sha256 of each
-backbone weights file it needs (checked at load, inference/weights_check.py) and writes test_files.txt (the
+backbone weights file it needs (checked at load, backbones/weights_hash.py) and writes test_files.txt (the
 feature file's test split, file names only). Prints the hashes the model card quotes.
 """
 
@@ -44,12 +44,12 @@ def best_head(heads: list[Path]) -> Path:
 
 def package(features: Path, head: Path, into: Path) -> dict:
     """Copy `head` into `into` as a shipped model; returns the hashes and counts the card quotes."""
-    from pipeline.inference.weights_check import weights_file_path
+    from pipeline.backbones.weights_hash import checkpoint_path
 
     meta = json.loads((head / "head.json").read_text())
     hashes = {}
     for backbone in meta["backbones"]:
-        path = weights_file_path(backbone, str(meta["weights"][backbone]))
+        path = checkpoint_path(backbone, str(meta["weights"][backbone]))
         if path is None or not path.is_file():
             raise SystemExit(f"the {backbone} weights file {path} is not here; set TORCH_HOME")
         hashes[backbone] = file_sha256(path)

@@ -106,14 +106,14 @@ def test_outputs_that_would_clobber_or_mix_with_inputs_are_refused_in_one_line(p
     with h5py.File(feature_file, "w") as h5:
         h5["x"] = np.zeros(2)
     cases = {
-        "one of the pictures": [photos["portrait"], "-o", photos["portrait"].with_suffix(".json")],
-        "a file of the head": [photos["portrait"], "-o", heads["detect"] / "head.json"],
-        "a feature file": [photos["portrait"], "-o", feature_file],
+        "one of this command's inputs": [photos["portrait"], "-o", photos["portrait"].with_suffix(".json")],
+        "is a head checkpoint": [photos["portrait"], "-o", heads["detect"] / "head.json"],
+        "is a feature file": [photos["portrait"], "-o", feature_file],
         "write .csv, .json or .jsonl": [photos["portrait"], "-o", tmp_path / "out.h5"],
     }
     (photos["portrait"].with_suffix(".json")).write_bytes(b"")   # an input that happens to end in .json
     try:
-        cases["one of the pictures"] = [photos["portrait"].with_suffix(".json"), "-o",
+        cases["one of this command's inputs"] = [photos["portrait"].with_suffix(".json"), "-o",
                                         photos["portrait"].with_suffix(".json")]
         for expected, args in cases.items():
             result = invoke(*args, "-c", heads["detect"], *COMMON)

@@ -116,7 +116,7 @@ def test_an_aligned_head_takes_the_picture_whole_and_a_detect_override_warns(tmp
 
 
 def test_a_weights_file_other_than_the_recorded_one_is_refused_in_one_line(tmp_path, monkeypatch):
-    from pipeline.inference.weights_check import WeightsFileMismatch, check_weights_files
+    from pipeline.backbones.weights_hash import WeightsFileMismatch, check_weights_files
 
     meta = {"backbones": ["mobilenet_v2"], "weights": {"mobilenet_v2": "IMAGENET1K_V1"},
             "weights_sha256": {"mobilenet_v2": "b0353104" + "0" * 56}}
@@ -136,7 +136,7 @@ def test_a_weights_file_other_than_the_recorded_one_is_refused_in_one_line(tmp_p
 
 
 def test_a_head_recording_another_weights_file_is_refused_at_load(tmp_path, monkeypatch):
-    from pipeline.inference.weights_check import WeightsFileMismatch
+    from pipeline.backbones.weights_hash import WeightsFileMismatch
 
     head = save_head(tmp_path / "h", "detect", extra={"weights": {"mobilenet_v2": "IMAGENET1K_V1"},
                                                       "weights_sha256": {"mobilenet_v2": "0" * 64}})
