@@ -41,7 +41,9 @@ from pipeline.explain.job import (
 )
 from pipeline.features.read import read_meta, read_settings
 from pipeline.files import check_output, file_sha256, write_bytes_atomically
+from pipeline.heads.checkpoint import load_checkpoint
 from pipeline.heads.data import load_features
+from pipeline.heads.regroup import in_bins
 
 
 @dataclass
@@ -105,6 +107,9 @@ def run_report(config: ReportConfig, log: Callable[[str], None] = print,
     device = resolve_device(config.device)
     settings = read_settings(config.features)
     meta = read_meta(config.features)
+    # Heads trained on other age groups (train-head --bins) are scored against the file's ages regrouped.
+    edges = load_checkpoint(config.checkpoints[0]).meta["group_edges"]
+    settings, meta = in_bins(config.features, settings, meta, edges)
     rows = choose_rows(meta["split"], config.split, config.limit, config.seed)
     models, ckpts, _ = load_models(config.checkpoints, config.weights, device, settings=settings)
     labels = checkpoint_labels([c.meta for c in ckpts], list(config.checkpoints))

@@ -63,19 +63,24 @@ def regroup_training_set(loaded, edges):
     return replace(loaded, data=regrouped, group_edges=edges)
 
 
-def inputs_in_bins(inputs, edges):
-    """evaluate: a view of an evaluation.evaluate.FeatureInputs whose groups follow `edges`.
-
-    Returns `inputs` itself when the file already uses those bins; otherwise a shallow copy
-    (the read features are shared) with every row's group recomputed from its age and the
-    settings naming the new edges, so that the head's bins check passes. RegroupError when
-    some rows have no age.
-    """
+def in_bins(feature_file, settings: dict, meta: dict, edges) -> tuple[dict, dict]:
+    """A feature file's (settings, meta) as if featurized with `edges`: every row's group recomputed from its
+    age, the settings naming the new edges so that a head's bins check passes. The same objects when the
+    file already uses those bins; RegroupError when some rows have no age."""
     edges = [int(e) for e in edges]
-    if edges == [int(e) for e in inputs.settings.get("group_edges", [])]:
+    if edges == [int(e) for e in settings.get("group_edges", [])]:
+        return settings, meta
+    require_ages(feature_file, meta["age"], edges, "the head's age groups")
+    groups = age_to_group(np.asarray(meta["age"]), edges).astype(np.int64)
+    return {**settings, "group_edges": edges}, {**meta, "group": groups}
+
+
+def inputs_in_bins(inputs, edges):
+    """evaluate: a view of an evaluation.evaluate.FeatureInputs whose groups follow `edges` (see in_bins);
+    `inputs` itself when the file already uses those bins. The read features are shared."""
+    settings, meta = in_bins(inputs.path, inputs.settings, inputs.meta, edges)
+    if settings is inputs.settings:
         return inputs
-    require_ages(inputs.path, inputs.meta["age"], edges, "the head's age groups")
     view = copy.copy(inputs)
-    view.settings = {**inputs.settings, "group_edges": edges}
-    view.meta = {**inputs.meta, "group": age_to_group(np.asarray(inputs.meta["age"]), edges).astype(np.int64)}
+    view.settings, view.meta = settings, meta
     return view

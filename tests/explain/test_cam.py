@@ -356,6 +356,27 @@ def test_report_end_to_end(cached):
     assert "| mobilenet_v2 | all |" in (out / "report.md").read_text()
 
 
+def test_report_scores_a_head_on_other_bins_against_the_regrouped_ages(cached, tmp_path):
+    """A head on other age groups (as train-head --bins makes) is scored against the file's ages regrouped."""
+    from pipeline.constants import group_names
+    from pipeline.explain.report import ReportConfig, run_report
+    from pipeline.heads.checkpoint import load_checkpoint, save_checkpoint
+    from pipeline.ingest.dataset import age_to_group
+
+    edges = [20, 40, 60, 116]
+    trained = load_checkpoint(cached["checkpoints"][0])
+    head = save_checkpoint(tmp_path / "head_other_groups", trained.head,
+                           {**trained.meta, "group_edges": edges, "class_names": group_names(edges)})
+    split = str(cached["meta"]["split"][0])
+    report = run_report(ReportConfig(checkpoints=[head], features=cached["features"], data_dir=cached["data"],
+                                     out_dir=tmp_path / "report", split=split, limit=3, steps=2, device="cpu",
+                                     weights=cached["weights"]), log=lambda *_: None, warn=lambda *_: None)
+    age_of = dict(zip(map(str, cached["meta"]["path"]), cached["meta"]["age"]))
+    assert report["class_names"] == group_names(edges) and report["records"]
+    for record in report["records"]:
+        assert record["true"] == int(age_to_group(np.asarray([age_of[record["path"]]]), edges)[0])
+
+
 # --------------------------------------------------------------------------- metrics by hand
 
 
