@@ -160,7 +160,8 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> HeadCheckpoint:
     bad = _non_finite(state)
     if bad:
         raise CheckpointError(f"{weights_path}: {bad} holds values that are not finite; this head cannot be used")
-    head = AgeHead(meta["feature_dim"], meta["hidden"], 0.0, meta["group_edges"], meta["target"])
+    head = AgeHead(meta["feature_dim"], meta["hidden"], 0.0, meta["group_edges"], meta["target"],
+                   reduction=(meta.get("reduction") or {}).get("blocks"))  # --pca heads project
     # Heads saved before temperature scaling existed hold no temperature: they are uncalibrated, T = 1.
     state.setdefault("calibration_temperature", torch.ones(()))
     stored_t, described_t = float(state["calibration_temperature"]), calibration_temperature(meta)
