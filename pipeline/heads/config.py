@@ -175,7 +175,7 @@ def result_meta(loaded, result: HeadResult, split_file=None, rank: int = 1, n_co
         "compute": settings.get("compute"),  # how the training features were computed (provenance.py)
         "feature_dim": result.feature_dim,
         # A --pca head projects its standardized features itself (a buffer); this says how it was fitted.
-        "reduction": None if not result.config.pca else {
+        "reduction": None if not result.reduction else {
             "method": "pca", "components": result.config.pca, "blocks": result.reduction["blocks"],
             "fitted_on": "train rows, both views, standardized", "source": result.reduction["source"]},
         "hidden": list(result.config.hidden),

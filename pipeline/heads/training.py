@@ -93,6 +93,8 @@ def train_heads(data: HeadData, configs: list[HeadConfig], max_stack: int = 16, 
     try:
         if intra:
             torch.set_num_threads(intra)
+        for cfg in {c.shape_key(): c for c in configs}.values():
+            head_inputs(data, cfg)  # standardize / fit --pca once, with every thread, before any worker starts
         results = _train_all(data, configs, max_stack, keep, progress, workers)
         if calibrate == "temperature":
             _fit_calibration(data, results)
@@ -216,7 +218,7 @@ def _train_stack(data: HeadData, configs: list[HeadConfig], keep: str = "best") 
 
     seconds = (time.perf_counter() - started) / K
     reduction = None
-    if cfg0.pca:
+    if reduces(data, cfg0):
         fit = data.reduced(cfg0.pca)[2]
         mean, std = fit["mean"], fit["std"]
         reduction = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in fit.items()
@@ -239,9 +241,14 @@ def _train_stack(data: HeadData, configs: list[HeadConfig], keep: str = "best") 
 
 def head_inputs(data: HeadData, cfg: HeadConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(train [n, 2, width], val [n_val, width]) as the configuration's first layer sees them."""
-    if cfg.pca:
+    if reduces(data, cfg):
         return data.reduced(cfg.pca)[:2]
     return data.tables(cfg.standardize)
+
+
+def reduces(data: HeadData, cfg: HeadConfig) -> bool:
+    """Whether --pca reduces any block of these features (a block no wider than N is fed whole)."""
+    return bool(cfg.pca) and any(w > min(cfg.pca, 2 * data.train.shape[0] - 1) for w in data.block_widths)
 
 
 def _step(net: Stack, target, X, lo, hi, sizes, dropout, t, total_steps) -> torch.Tensor:

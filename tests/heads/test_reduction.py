@@ -4,6 +4,7 @@ feature file, and the head that carries its projection through training, saving 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -147,3 +148,14 @@ def test_train_head_pca_saves_a_head_that_loads_and_scores_raw_features(tmp_path
     stored = loaded.data.reductions.load((24, 8), 10)
     assert torch.equal(checkpoint.head.pca_block0, stored["block0"])
     assert np.isclose(meta["metrics"]["val_acc"], meta["history"][meta["best_epoch"] - 1]["val_acc"])
+
+
+def test_no_block_wider_than_n_means_no_reduction_and_the_standardized_head():
+    data = reduced_data(d=12)
+    data.blocks = (4, 8)
+    config = HeadConfig(epochs=1, hidden=(8,), standardize=True, seed=2)
+    plain = train_heads(data, [config])[0]
+    wide_n = train_heads(data, [replace(config, pca=8)])[0]
+    assert wide_n.reduction is None and wide_n.to_head(data.group_edges).reduction is None
+    for (w1, b1), (w2, b2) in zip(plain.params, wide_n.params):
+        assert torch.equal(w1, w2) and torch.equal(b1, b2)
