@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -130,6 +131,7 @@ class ReductionCache:
             fields = {**self.fields, "widths": [int(w) for w in widths], "components": components}
             save_file({k: v.detach().cpu().contiguous() for k, v in fit.items()}, str(tmp),
                       metadata={"fields": json.dumps(fields, sort_keys=True)})
+            os.chmod(tmp, 0o644)  # readable by everyone who reads the feature file beside it
             tmp.replace(path)
         except OSError as err:
             return f"could not store the fit in {self.folder} ({err}); it is refitted next time"
