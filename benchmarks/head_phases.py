@@ -23,7 +23,14 @@ import torch
 from benchmarks.machine_info import machine
 from benchmarks.train_head import UTK_ROWS, load_average, matmul_rates, synthetic
 from pipeline.heads.config import HeadConfig
-from pipeline.heads.stack_ops import Stack, adam_step, dropout_factors, dropout_scale, epoch_plan, keep_threshold
+from pipeline.heads.stack_ops import (
+    Stack,
+    adam_step,
+    dropout_factors,
+    dropout_scale,
+    epoch_plan,
+    keep_threshold,
+)
 from pipeline.heads.targets import make_target
 from pipeline.heads.training import _evaluate, head_inputs
 

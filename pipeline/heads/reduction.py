@@ -107,6 +107,7 @@ class ReductionCache:
 
     def load(self, widths, components: int) -> dict | None:
         """{"mean", "std", "block{i}"...} of a stored fit, or None."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         path = self.path(widths, components)
@@ -114,7 +115,7 @@ class ReductionCache:
             return None
         try:
             stored = load_file(str(path))
-        except Exception:  # a damaged cache entry is refitted, never trusted
+        except (SafetensorError, OSError, ValueError):  # a damaged cache entry is refitted, never trusted
             return None
         reduced = {f"block{i}" for i, (w, k) in enumerate(zip(widths, block_components(widths, components)))
                    if k < w}

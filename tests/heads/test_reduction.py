@@ -15,7 +15,14 @@ from pipeline.cli.train_head import main as train_head_main
 from pipeline.heads.checkpoint import load_checkpoint
 from pipeline.heads.config import HeadConfig
 from pipeline.heads.data import HeadData, load_head_inputs, load_training_data
-from pipeline.heads.reduction import ReductionCache, apply_blocks, block_components, fit_blocks, fit_pca, project
+from pipeline.heads.reduction import (
+    ReductionCache,
+    apply_blocks,
+    block_components,
+    fit_blocks,
+    fit_pca,
+    project,
+)
 from pipeline.heads.stack_ops import mlp_forward
 from pipeline.heads.training import head_inputs, train_heads
 from tests.support.synthetic import class_signal_arrays, make_feature_file
@@ -159,3 +166,14 @@ def test_no_block_wider_than_n_means_no_reduction_and_the_standardized_head():
     assert wide_n.reduction is None and wide_n.to_head(data.group_edges).reduction is None
     for (w1, b1), (w2, b2) in zip(plain.params, wide_n.params):
         assert torch.equal(w1, w2) and torch.equal(b1, b2)
+
+
+def test_a_damaged_stored_fit_is_refitted_not_trusted(tmp_path):
+    cache = ReductionCache(tmp_path / "features.h5", {"rows": "abc"})
+    config = HeadConfig(epochs=1, hidden=(8,), standardize=True, pca=8)
+    first = train_heads(reduced_data(cache=cache), [config])[0]
+    cache.path((32,), 8).write_bytes(b"not a safetensors file")
+    assert cache.load((32,), 8) is None
+    again = train_heads(reduced_data(cache=cache), [config])[0]
+    assert again.reduction["source"].startswith("fitted on the training rows, stored in")
+    assert torch.equal(first.reduction["block0"], again.reduction["block0"])
