@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-# The one torch/torchvision pair that imports together (see README, "Installing").
+# The one torch/torchvision pair that imports together (see docs/install.md).
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 .venv/bin/python -m pip install -q -e ".[test]"
 # h5ls is optional (one test uses it); install it where apt works.

@@ -198,6 +198,9 @@ def _load(features_file, names, feature_kind, split_file, recipe, edges):
 @click.option("--flip", default="on", show_default=True,
               help="on: each epoch, each image uses its plain or mirrored feature with p=0.5.")
 @click.option("--seed", default="0", show_default=True)
+@click.option("--pca", default="0", show_default=True,
+              help="N > 0: feed the head the top N principal components of the standardized training features "
+                   "(fitted once, cached beside the feature file, kept inside the head); 0: all features.")
 @click.option("--calibrate", type=click.Choice(list(CALIBRATION_METHODS)), default="off", show_default=True,
               help="temperature: after training, fit one temperature T on the validation split (minimum NLL) and "
                    "divide the head's group scores by it. Accuracy is unchanged; probabilities and ECE move.")
@@ -212,7 +215,7 @@ def _load(features_file, names, feature_kind, split_file, recipe, edges):
 @click.option("--quiet", is_flag=True, help="Print only the results table.")
 def main(features_file, backbones, out, bins, recipe, feature_kind, split_file, target, soft_sigma, lr, epochs,
          batch_size, dropout, hidden, weight_decay, schedule, label_smoothing, class_weights, standardize, flip, seed,
-         calibrate, keep, device, max_stack, threads, save_all, quiet):
+         pca, calibrate, keep, device, max_stack, threads, save_all, quiet):
     """Train age-group heads on FEATURES_FILE (made by featurize), from the cached features.
 
     Defaults are the paper's recipe (--recipe paper: a 512-256 head, 10 epochs,
@@ -237,7 +240,8 @@ def main(features_file, backbones, out, bins, recipe, feature_kind, split_file, 
     (feature_kind, target, soft_sigma, lr, epochs, dropout, weight_decay, schedule, label_smoothing, standardize,
      calibrate) = (values[k] for k in ("feature_kind", "target", "soft_sigma", "lr", "epochs", "dropout",
                                        "weight_decay", "schedule", "label_smoothing", "standardize", "calibrate"))
-    batch_size, class_weights, flip, seed = (values[k] for k in ("batch_size", "class_weights", "flip", "seed"))
+    batch_size, class_weights, flip, seed, pca = (values[k] for k in ("batch_size", "class_weights", "flip", "seed",
+                                                                      "pca"))
     if threads != "auto" and (not threads.isdigit() or int(threads) < 1):
         raise click.BadParameter(f"{threads!r} is not a positive number or auto", param_hint="--threads")
     try:
@@ -268,6 +272,7 @@ def main(features_file, backbones, out, bins, recipe, feature_kind, split_file, 
         seed=_split_list(seed, int, "--seed"),
         target=_split_list(target, _choice(TARGETS), "--target"),
         soft_sigma=_split_list(soft_sigma, float, "--soft-sigma"),
+        pca=_split_list(pca, int, "--pca"),
     )
     try:
         kind_outputs(feature_kind)

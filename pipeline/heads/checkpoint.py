@@ -194,7 +194,8 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> HeadCheckpoint:
     problem = header_problem(meta, state)
     if problem:
         raise CheckpointError(f"{meta_path}: {problem}; this head cannot be used")
-    head = AgeHead(meta["feature_dim"], meta["hidden"], 0.0, meta["group_edges"], meta["target"])
+    head = AgeHead(meta["feature_dim"], meta["hidden"], 0.0, meta["group_edges"], meta["target"],
+                   reduction=(meta.get("reduction") or {}).get("blocks"))  # --pca heads project
     try:
         head.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -36,6 +36,7 @@ class HeadConfig:
     target: str = "group"              # or "age" (regression in years, groups derived), "soft", "ordinal"
     seed: int = 0
     soft_sigma: float = 3.0            # years: width of the Gaussian behind the soft targets (target "soft")
+    pca: int = 0                       # > 0: feed the first layer at most this many principal components
 
     def __post_init__(self):
         if self.schedule not in ("constant", "cosine"):
@@ -65,10 +66,14 @@ class HeadConfig:
             raise ValueError(f"batch size (--batch-size) must be at least 1, not {self.batch_size}")
         if not self.hidden:
             raise ValueError("hidden (--hidden) needs at least one layer width")
+        if self.pca < 0:
+            raise ValueError(f"--pca must be 0 (off) or a number of components, not {self.pca}")
+        if self.pca and not self.standardize:
+            raise ValueError("--pca needs --standardize on: the components are those of the standardized features")
 
     def shape_key(self):
         """Configurations with equal keys can be trained as one stacked computation."""
-        return (self.hidden, self.batch_size, self.epochs, self.target, self.standardize)
+        return (self.hidden, self.batch_size, self.epochs, self.target, self.standardize, self.pca)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -100,10 +105,19 @@ class HeadResult:
     diverged: str | None = None   # why training stopped making sense (non-finite loss or weights), else None
     calibration: str = "off"              # or "temperature": post-hoc scaling fitted on validation
     calibration_temperature: float = 1.0  # the group scores are divided by it (1 = uncalibrated)
+    # A --pca head's reduction: {"blocks": [[width, kept], ...], "block{i}": [width, kept] projections,
+    # "source": where the fit came from (fitted now, or reused from the cache beside the feature file)}.
+    reduction: dict | None = None
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the features the head takes (before any projection)."""
+        return int(self.feature_mean.shape[0])
 
     def to_head(self, group_edges) -> AgeHead:
         cfg = self.config
-        head = AgeHead(self.params[0][0].shape[0], cfg.hidden, cfg.dropout, group_edges, cfg.target)
+        head = AgeHead(self.feature_dim, cfg.hidden, cfg.dropout, group_edges, cfg.target,
+                       reduction=self.reduction["blocks"] if self.reduction else None)
         linears = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
         with torch.no_grad():
             for linear, (w, b) in zip(linears, self.params):
@@ -111,6 +125,8 @@ class HeadResult:
                 linear.bias.copy_(b)
             head.feature_mean.copy_(self.feature_mean)
             head.feature_std.copy_(self.feature_std)
+            for name, projection in head.block_projections().items():
+                projection.copy_(self.reduction[name])
             head.calibration_temperature.fill_(self.calibration_temperature)
             if cfg.target == "age":
                 head.age_shift.fill_(self.age_shift)
@@ -158,7 +174,11 @@ def result_meta(loaded, result: HeadResult, split_file=None, rank: int = 1, n_co
         "preprocessing": settings.get("preprocessing"),
         "faces": settings.get("faces"),  # face handling of the training features (None: whole aligned crops)
         "compute": settings.get("compute"),  # how the training features were computed (provenance.py)
-        "feature_dim": int(result.params[0][0].shape[0]),
+        "feature_dim": result.feature_dim,
+        # A --pca head projects its standardized features itself (a buffer); this says how it was fitted.
+        "reduction": None if not result.reduction else {
+            "method": "pca", "components": result.config.pca, "blocks": result.reduction["blocks"],
+            "fitted_on": "train rows, both views, standardized", "source": result.reduction["source"]},
         "hidden": list(result.config.hidden),
         "config": config,
         "rows": loaded.counts,

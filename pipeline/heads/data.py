@@ -11,6 +11,7 @@ import torch
 from pipeline.backbones.descriptors import kind_outputs
 from pipeline.features.read import read_features, read_meta, read_settings
 from pipeline.heads.checkpoint import HeadMismatch, check_compatible
+from pipeline.heads.reduction import ReductionCache, block_components, fit_blocks, project
 
 
 def assemble_features(pooled: dict, backbones, kind: str) -> torch.Tensor:
@@ -92,6 +93,8 @@ class HeadData:
     val_age: torch.Tensor
     n_classes: int = 4
     group_edges: tuple = (25, 50, 75, 116)
+    blocks: tuple = ()           # widths of the feature blocks (backbone outputs) in column order
+    reductions: ReductionCache | None = field(default=None, repr=False)   # where --pca fits are kept
     _standardized: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -144,6 +147,50 @@ class HeadData:
             self._standardized["tables"] = ((self.train - mean) / std, (self.val - mean) / std)
         return self._standardized["tables"]
 
+    @property
+    def block_widths(self) -> tuple[int, ...]:
+        """Widths of the feature blocks in column order (one block when unknown)."""
+        return tuple(self.blocks) if sum(self.blocks) == self.dim else (self.dim,)
+
+    def reduced(self, components: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(train [n, 2, W], val [n_val, W], fit) for a head fed --pca N: blocks wider than N as N components.
+
+        N is at most the number of training rows (both views) less one.
+        fit: {"mean" [D], "std" [D], "block{i}" [width_i, N] per reduced block, "blocks" [[width, kept]...],
+        "source"}: reused from the cache beside the feature file when there is one, else fitted on the
+        standardized training rows (and stored). The inputs are computed from the fit the same way in
+        both cases, so a reused fit trains the same head.
+        """
+        key = ("pca", components)
+        components = min(components, 2 * self.train.shape[0] - 1)
+        widths = self.block_widths
+        if key not in self._standardized:
+            cache = self.reductions
+            fit = cache.load(widths, components) if cache is not None else None
+            source = f"reused from {cache.path(widths, components)}" if fit is not None else None
+            if fit is None:
+                fit = self._fit_pca(widths, components)
+                problem = cache.save(widths, components, fit) if cache is not None else None
+                source = (f"fitted on the training rows, stored in {cache.path(widths, components)}"
+                          if cache is not None and problem is None
+                          else f"fitted on the training rows ({problem or 'not stored'})")
+            fit = {k: v.to(self.device) for k, v in fit.items()}
+            projections = {k: v for k, v in fit.items() if k.startswith("block")}
+            n = self.train.shape[0]
+            train = project(self.train.reshape(2 * n, self.dim), fit["mean"], fit["std"], widths, projections)
+            val = project(self.val, fit["mean"], fit["std"], widths, projections)
+            blocks = [[w, k] for w, k in zip(widths, block_components(widths, components))]
+            self._standardized[key] = (train.reshape(n, 2, -1), val, {**fit, "blocks": blocks, "source": source})
+        return self._standardized[key]
+
+    def _fit_pca(self, widths, components: int) -> dict:
+        mean, std = self.standardization()
+        if "tables" in self._standardized:
+            standardized = self._standardized["tables"][0]
+        else:  # a temporary copy: a --pca head never needs the standardized table again
+            standardized = (self.train - mean) / std
+        return {"mean": mean, "std": std, **fit_blocks(standardized.reshape(-1, self.dim), widths, components)}
+
     def class_weights(self) -> torch.Tensor:
         counts = torch.bincount(self.train_group, minlength=self.n_classes).double()
         weights = len(self.train_group) / (self.n_classes * counts.clamp_min(1))
@@ -184,10 +231,24 @@ def load_training_data(feature_file, backbones, kind: str = "last", split_file=N
         splits = splits.copy()
         splits[broken] = ""
     data = HeadData.from_arrays(features, meta["group"], meta["age"], splits, edges, device=device)
+    data.blocks = feature_blocks(feature_file, backbones, kind)
+    data.reductions = ReductionCache(feature_file, {"feature_fingerprint": str(settings["fingerprint"]),
+                                                    "rows_fingerprint": fingerprint, "backbones": list(backbones),
+                                                    "feature_kind": kind})
     counts = {s: int((splits == s).sum()) for s in ("train", "val", "test")}
     counts["unused"] = int(len(splits) - sum(counts.values()))
     return TrainingSet(data, str(feature_file), list(backbones), kind, settings, edges, counts, fingerprint,
                        skipped)
+
+
+def feature_blocks(feature_file, backbones, kind: str) -> tuple[int, ...]:
+    """Widths of the blocks load_features concatenates: per backbone in order, each output of the kind."""
+    import h5py
+
+    from pipeline.backbones.descriptors import dataset_path
+
+    with h5py.File(feature_file, "r") as h5:
+        return tuple(int(h5[dataset_path(o, name)].shape[2]) for name in backbones for o in kind_outputs(kind))
 
 
 def effective_splits(feature_file, split_file=None, meta: dict | None = None) -> np.ndarray:

@@ -5,19 +5,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.heads.reduction import apply_blocks
+
 TARGETS = ("group", "age", "soft", "ordinal")
 
 
 class AgeHead(nn.Module):
-    """Standardize (buffers) -> MLP -> group scores [B, C].
+    """Standardize (buffers) -> [reduce wide blocks (buffers)] -> MLP -> group scores [B, C].
 
     `mlp` holds only the Linear/ReLU/Dropout layers, so its parameters are
-    exactly the paper's head; standardization and the age-to-group mapping are
-    buffers.
+    exactly the paper's head; standardization, the optional PCA projections
+    (train-head --pca; reduction.py) and the age-to-group mapping are buffers.
+    reduction: [[block width, columns kept], ...] over the feature blocks in order;
+    a block that keeps fewer columns than it has is projected by buffer pca_block{i}.
     """
 
     def __init__(self, in_dim: int, hidden=(512, 256), dropout: float = 0.3, group_edges=(25, 50, 75, 116),
-                 target: str = "group"):
+                 target: str = "group", reduction=None):
         super().__init__()
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, not {target!r}")
@@ -25,8 +29,11 @@ class AgeHead(nn.Module):
         self.in_dim = int(in_dim)
         self.hidden = tuple(int(h) for h in hidden)
         self.n_classes = len(group_edges)
+        self.reduction = [(int(w), int(k)) for w, k in reduction] if reduction else None
+        if self.reduction and sum(w for w, _ in self.reduction) != self.in_dim:
+            raise ValueError(f"reduction blocks {self.reduction} do not add up to the {self.in_dim} features")
         layers: list[nn.Module] = []
-        width = self.in_dim
+        width = sum(k for _, k in self.reduction) if self.reduction else self.in_dim
         for h in self.hidden:
             layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
             width = h
@@ -34,6 +41,9 @@ class AgeHead(nn.Module):
         self.mlp = nn.Sequential(*layers)
         self.register_buffer("feature_mean", torch.zeros(self.in_dim))
         self.register_buffer("feature_std", torch.ones(self.in_dim))
+        for i, (w, k) in enumerate(self.reduction or ()):
+            if k < w:
+                self.register_buffer(f"pca_block{i}", torch.zeros(w, k))
         # Post-hoc temperature scaling (train-head --calibrate temperature): the group scores are divided by it.
         # 1 = uncalibrated, as every head saved before calibration existed.
         self.register_buffer("calibration_temperature", torch.ones(()))
@@ -52,7 +62,13 @@ class AgeHead(nn.Module):
         """The MLP's output: logits for 'group' heads, standardized age [B, 1] for 'age' heads."""
         self._check_width(features)
         x = (features - self.feature_mean) / self.feature_std
+        if self.reduction:
+            x = apply_blocks(x, [w for w, _ in self.reduction], self.block_projections())
         return self.mlp(x)
+
+    def block_projections(self) -> dict[str, torch.Tensor]:
+        """{"block{i}": [width, kept]} of the blocks the head reduces (reduction.apply_blocks' names)."""
+        return {f"block{i}": getattr(self, f"pca_block{i}") for i, (w, k) in enumerate(self.reduction or ()) if k < w}
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Group scores [B, C], divided by the calibration temperature: their softmax is the probabilities.

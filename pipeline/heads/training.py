@@ -93,6 +93,8 @@ def train_heads(data: HeadData, configs: list[HeadConfig], max_stack: int = 16, 
     try:
         if intra:
             torch.set_num_threads(intra)
+        for cfg in {c.shape_key(): c for c in configs}.values():
+            head_inputs(data, cfg)  # standardize / fit --pca once, with every thread, before any worker starts
         results = _train_all(data, configs, max_stack, keep, progress, workers)
         if calibrate == "temperature":
             _fit_calibration(data, results)
@@ -171,7 +173,7 @@ def _train_stack(data: HeadData, configs: list[HeadConfig], keep: str = "best") 
     class_w = data.class_weights().to(device)
     weights = torch.stack([class_w if c.class_weights else torch.ones_like(class_w) for c in configs])  # [K, C]
     target = make_target(cfg0.target, data, configs, weights)
-    train, val = data.tables(cfg0.standardize)
+    train, val = head_inputs(data, cfg0)
     n, D = train.shape[0], train.shape[2]
     table = train.reshape(2 * n, D)  # row 2i: image i plain, 2i+1: mirrored
     sizes = [D, *cfg0.hidden, output_width(cfg0.target, data.n_classes)]
@@ -215,16 +217,38 @@ def _train_stack(data: HeadData, configs: list[HeadConfig], keep: str = "best") 
         net.keep_best(progress.record(epoch, net, scores, val_out, regression=cfg0.target == "age"))
 
     seconds = (time.perf_counter() - started) / K
-    mean, std = data.standardization() if cfg0.standardize else (torch.zeros(D), torch.ones(D))
+    reduction = None
+    if reduces(data, cfg0):
+        fit = data.reduced(cfg0.pca)[2]
+        mean, std = fit["mean"], fit["std"]
+        reduction = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in fit.items()
+                     if k not in ("mean", "std")}
+    elif cfg0.standardize:
+        mean, std = data.standardization()
+    else:
+        mean, std = torch.zeros(data.dim), torch.ones(data.dim)
     results = []
     for k, cfg in enumerate(configs):
         params = [(bw[k].detach().cpu().clone(), bb[k].detach().cpu().clone()) for bw, bb in net.best]
         res = HeadResult(cfg, progress.history[k], progress.best_epoch[k], params, mean.cpu().clone(),
-                         std.cpu().clone(), seconds=seconds, keep=keep, diverged=progress.diverged[k])
+                         std.cpu().clone(), seconds=seconds, keep=keep, diverged=progress.diverged[k],
+                         reduction=reduction)
         target.finish(res)
         results.append(res)
     _final_metrics(data, results, val)
     return results
+
+
+def head_inputs(data: HeadData, cfg: HeadConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train [n, 2, width], val [n_val, width]) as the configuration's first layer sees them."""
+    if reduces(data, cfg):
+        return data.reduced(cfg.pca)[:2]
+    return data.tables(cfg.standardize)
+
+
+def reduces(data: HeadData, cfg: HeadConfig) -> bool:
+    """Whether --pca reduces any block of these features (a block no wider than N is fed whole)."""
+    return bool(cfg.pca) and any(w > min(cfg.pca, 2 * data.train.shape[0] - 1) for w in data.block_widths)
 
 
 def _step(net: Stack, target, X, lo, hi, sizes, dropout, t, total_steps) -> torch.Tensor:
@@ -353,7 +377,7 @@ def _fit_calibration(data: HeadData, results: list[HeadResult]) -> None:
     for res in results:
         if res.diverged:
             continue
-        _, val = data.tables(res.config.standardize)
+        _, val = head_inputs(data, res.config)
         W = [w.to(data.device).unsqueeze(0) for w, _ in res.params]
         b = [bb.to(data.device).unsqueeze(0) for _, bb in res.params]
         z = mlp_forward(W, b, val, 0)
