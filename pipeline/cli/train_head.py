@@ -199,8 +199,9 @@ def _load(features_file, names, feature_kind, split_file, recipe, edges):
               help="on: each epoch, each image uses its plain or mirrored feature with p=0.5.")
 @click.option("--seed", default="0", show_default=True)
 @click.option("--pca", default="0", show_default=True,
-              help="N > 0: feed the head the top N principal components of the standardized training features "
-                   "(fitted once, cached beside the feature file, kept inside the head); 0: all features.")
+              help="N > 0: every feature block wider than N (a backbone's last layer, its stages, a descriptor) "
+                   "enters as its top N principal components, fitted on the standardized training rows once, "
+                   "cached in FEATURES_FILE.pca/ and kept inside the head; 0: every feature as it is.")
 @click.option("--calibrate", type=click.Choice(list(CALIBRATION_METHODS)), default="off", show_default=True,
               help="temperature: after training, fit one temperature T on the validation split (minimum NLL) and "
                    "divide the head's group scores by it. Accuracy is unchanged; probabilities and ECE move.")
@@ -220,8 +221,8 @@ def main(features_file, backbones, out, bins, recipe, feature_kind, split_file, 
 
     Defaults are the paper's recipe (--recipe paper: a 512-256 head, 10 epochs,
     under a minute on a 2-core CPU for all of UTKFace); --recipe strong or best
-    changes the defaults (40 epochs; best also much wider inputs: up to half an
-    hour per head there). Comma-separated values in the recipe options
+    changes the defaults (strong: 40 epochs; best: much wider inputs, reduced
+    by a cached PCA, about twice the paper head's time). Comma-separated values in the recipe options
     (--lr 1e-3,3e-4 --dropout 0.3,0.5 --seed 0,1,2 ...) train every combination.
     """
 

@@ -6,7 +6,6 @@ value the head is built from is range-checked when it is loaded, not only when i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.files import input_problem
+from pipeline.heads.digest import state_digest
 from pipeline.heads.model import AgeHead, HeadMismatch
 
 FORMAT = "utkface-age-head/1"
@@ -209,16 +209,6 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> HeadCheckpoint:
 DIGEST_KEY = "head_sha256"   # head.json and the safetensors metadata: sha256 of the head's own tensors
 
 
-def state_digest(state: dict) -> str:
-    """sha256 of every tensor (name, dtype, shape, bytes), in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{tensor.dtype}:{tuple(state[name].shape)};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
 def _positive_ints(value, at_least: int = 1) -> bool:
     return (isinstance(value, list) and len(value) >= at_least
             and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))
@@ -237,6 +227,13 @@ def header_problem(meta: dict, state: dict) -> str | None:
     dim = meta.get("feature_dim")
     if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
         return f"feature_dim {dim!r} is not a positive whole number"
+    reduction = meta.get("reduction")
+    if reduction is not None:   # a --pca head: [block width, columns kept] over the features in order
+        blocks = reduction.get("blocks") if isinstance(reduction, dict) else None
+        if (not isinstance(blocks, list) or not blocks
+                or not all(_positive_ints(b, 2) and len(b) == 2 and b[1] <= b[0] for b in blocks)
+                or sum(b[0] for b in blocks) != dim):
+            return f"reduction blocks {blocks!r} are not [width, kept] pairs over its {dim} features"
     if not _positive_ints(meta.get("hidden"), 0):
         return f"hidden {meta.get('hidden')!r} is not a list of positive widths"
     edges = meta.get("group_edges")

@@ -8,11 +8,12 @@ same parsing.
           dropout 0.5: the README's "stronger head".
   best    strong, fed the last block, the earlier stages and the grid of the last earlier stage (featurize
           --descriptors stage_grid), trained on soft targets from the age; chosen on validation by the
-          descriptor study (README). Every block wider than 512 enters as its top 512 principal components
-          (--pca 512, fitted once and cached beside the feature file), for 20 epochs of batches of 128 at
-          lr 2e-3: about 7x fewer FLOPs than 40 epochs on the whole width, same accuracy over 3 seeds
-          (benchmarks/RESULTS.md). No temperature scaling: on these soft heads it did not improve
-          validation calibration.
+          descriptor study (docs/results.md). Every block wider than 1024 enters as its top 1024 principal
+          components (--pca 1024, fitted once and cached beside the feature file), for 15 epochs of batches
+          of 128 at lr 2e-3: about 6x (one backbone) to 9x (three) fewer FLOPs than 40 epochs of batches
+          of 32 on the whole width, with the same validation accuracy over 3 seeds on one and on three
+          backbones (benchmarks/RESULTS.md).
+          No temperature scaling: on these soft heads it did not improve validation calibration.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ RECIPES: dict[str, dict[str, str]] = {
     "paper": {},
     "strong": _STRONG,
     "best": {**_STRONG, "--feature-kind": "both+stage_grid", "--target": "soft", "--label-smoothing": "0",
-             "--pca": "512", "--epochs": "20", "--batch-size": "128", "--lr": "2e-3"},
+             "--pca": "1024", "--epochs": "15", "--batch-size": "128", "--lr": "2e-3"},
 }
 
 

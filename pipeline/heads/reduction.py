@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.heads.digest import state_digest
+
 METHOD = "pca-blocks/1"   # bump when the fit changes: cached fits of another method are not reused
 FIT_SEED = 0
 
@@ -101,13 +103,16 @@ class ReductionCache:
         self.folder = Path(f"{feature_file}.pca")
         self.fields = {**fields, "method": METHOD}
 
+    def _fields(self, widths, components: int) -> dict:
+        return {**self.fields, "widths": [int(w) for w in widths], "components": int(components)}
+
     def path(self, widths, components: int) -> Path:
-        key = cache_key({**self.fields, "widths": [int(w) for w in widths], "components": components})
+        key = cache_key(self._fields(widths, components))
         return self.folder / f"pca{components}-{key}.safetensors"
 
     def load(self, widths, components: int) -> dict | None:
         """{"mean", "std", "block{i}"...} of a stored fit, or None."""
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         path = self.path(widths, components)
@@ -115,11 +120,15 @@ class ReductionCache:
             return None
         try:
             stored = load_file(str(path))
+            recorded = safe_open(str(path), framework="pt").metadata() or {}
         except (SafetensorError, OSError, ValueError):  # a damaged cache entry is refitted, never trusted
             return None
         reduced = {f"block{i}" for i, (w, k) in enumerate(zip(widths, block_components(widths, components)))
                    if k < w}
-        return stored if set(stored) == {"mean", "std", *reduced} else None
+        # Reused only when it was fitted for these rows and its numbers are the ones stored (not edited since).
+        intact = (recorded.get("fields") == json.dumps(self._fields(widths, components), sort_keys=True)
+                  and recorded.get("sha256") == state_digest(stored))
+        return stored if intact and set(stored) == {"mean", "std", *reduced} else None
 
     def save(self, widths, components: int, fit: dict) -> str | None:
         """Stores a fit (atomically); the reason it could not, or None."""
@@ -129,9 +138,9 @@ class ReductionCache:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
-            fields = {**self.fields, "widths": [int(w) for w in widths], "components": components}
-            save_file({k: v.detach().cpu().contiguous() for k, v in fit.items()}, str(tmp),
-                      metadata={"fields": json.dumps(fields, sort_keys=True)})
+            tensors = {k: v.detach().cpu().contiguous() for k, v in fit.items()}
+            save_file(tensors, str(tmp), metadata={"fields": json.dumps(self._fields(widths, components), sort_keys=True),
+                                                   "sha256": state_digest(tensors)})
             os.chmod(tmp, 0o644)  # readable by everyone who reads the feature file beside it
             tmp.replace(path)
         except OSError as err:

@@ -66,7 +66,7 @@ def test_the_table_names_real_train_head_options_and_best_builds_on_strong():
                                         "--label-smoothing": "0.1", "--standardize": "on", "--dropout": "0.5"}
     best = recipe_options("best")
     assert best == {**recipe_options("strong"), "--feature-kind": "both+stage_grid", "--target": "soft",
-                    "--label-smoothing": "0", "--pca": "512", "--epochs": "20", "--batch-size": "128", "--lr": "2e-3"}
+                    "--label-smoothing": "0", "--pca": "1024", "--epochs": "15", "--batch-size": "128", "--lr": "2e-3"}
     with pytest.raises(ValueError, match="unknown recipe 'fast'; choose from paper, strong, best"):
         recipe_options("fast")
 
@@ -141,8 +141,8 @@ def test_best_recipe_trains_soft_targets_on_stage_grid_and_takes_temperature_sca
     assert (config["weight_decay"], config["schedule"], config["standardize"], config["dropout"]) == \
         (1e-4, "cosine", True, 0.5)
     assert meta["calibration"]["method"] == "off"    # the study found it raises ECE on soft heads
-    assert (config["pca"], config["batch_size"], config["lr"]) == (512, 128, 2e-3)
-    assert meta["reduction"] is None    # every block of this small file is narrower than 512: fed whole
+    assert (config["pca"], config["batch_size"], config["lr"]) == (1024, 128, 2e-3)
+    assert meta["reduction"] is None    # every block of this small file is narrower than 1024: fed whole
     # An option given on the command line joins the recipe's values.
     result, meta = train(stage_grid_file, tmp_path / "best_t", "--recipe", "best", "--epochs", "1",
                          "--calibrate", "temperature")

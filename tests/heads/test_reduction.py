@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli.train_head import main as train_head_main
-from pipeline.heads.checkpoint import load_checkpoint
+from pipeline.heads.checkpoint import CheckpointError, load_checkpoint
 from pipeline.heads.config import HeadConfig
 from pipeline.heads.data import HeadData, load_head_inputs, load_training_data
 from pipeline.heads.reduction import (
@@ -139,7 +139,7 @@ def test_train_head_pca_saves_a_head_that_loads_and_scores_raw_features(tmp_path
     result = CliRunner().invoke(train_head_main, [str(feature_file), "--backbones", "mobilenet_v2", "-o", str(out),
                                                   "--device", "cpu", "--threads", "1", "--hidden", "16",
                                                   "--epochs", "2", "--standardize", "on", "--pca", "10",
-                                                  "--features", "both"])
+                                                  "--feature-kind", "both"])
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "head.json").read_text())
     assert meta["feature_dim"] == 32 and meta["reduction"]["components"] == 10
@@ -155,6 +155,11 @@ def test_train_head_pca_saves_a_head_that_loads_and_scores_raw_features(tmp_path
     stored = loaded.data.reductions.load((24, 8), 10)
     assert torch.equal(checkpoint.head.pca_block0, stored["block0"])
     assert np.isclose(meta["metrics"]["val_acc"], meta["history"][meta["best_epoch"] - 1]["val_acc"])
+    # head.json's reduction is part of what the weights mean: an edit of it is refused, not half-loaded.
+    for blocks, problem in (([[24, 12], [8, 8]], "does not match the head"), ([[20, 10], [8, 8]], "reduction blocks")):
+        (out / "head.json").write_text(json.dumps({**meta, "reduction": {**meta["reduction"], "blocks": blocks}}))
+        with pytest.raises(CheckpointError, match=problem):
+            load_checkpoint(out)
 
 
 def test_no_block_wider_than_n_means_no_reduction_and_the_standardized_head():
@@ -173,6 +178,23 @@ def test_a_damaged_stored_fit_is_refitted_not_trusted(tmp_path):
     config = HeadConfig(epochs=1, hidden=(8,), standardize=True, pca=8)
     first = train_heads(reduced_data(cache=cache), [config])[0]
     cache.path((32,), 8).write_bytes(b"not a safetensors file")
+    assert cache.load((32,), 8) is None
+    again = train_heads(reduced_data(cache=cache), [config])[0]
+    assert again.reduction["source"].startswith("fitted on the training rows, stored in")
+    assert torch.equal(first.reduction["block0"], again.reduction["block0"])
+
+
+def test_a_stored_fit_whose_numbers_were_edited_is_refitted_not_trusted(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    cache = ReductionCache(tmp_path / "features.h5", {"rows": "abc"})
+    config = HeadConfig(epochs=1, hidden=(8,), standardize=True, pca=8)
+    first = train_heads(reduced_data(cache=cache), [config])[0]
+    path = cache.path((32,), 8)
+    stored, metadata = load_file(str(path)), safe_open(str(path), framework="pt").metadata()
+    stored["block0"] = stored["block0"] * 2   # a valid file, same fields, other numbers
+    save_file(stored, str(path), metadata=metadata)
     assert cache.load((32,), 8) is None
     again = train_heads(reduced_data(cache=cache), [config])[0]
     assert again.reduction["source"].startswith("fitted on the training rows, stored in")
