@@ -208,8 +208,9 @@ def _load(features_file, names, feature_kind, split_file, recipe, edges):
 @click.option("--keep", type=click.Choice(["best", "last"]), default="best", show_default=True,
               help="Which epoch's weights to keep: best validation accuracy (the paper's) or the last.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--max-stack", type=click.IntRange(1), default=16, show_default=True,
-              help="Heads trained together in one stacked computation (memory grows with it).")
+@click.option("--max-stack", type=click.IntRange(1), default=None,
+              help="Heads trained together in one stacked computation (memory grows with it). "
+                   "Default: 2 on a CPU, 16 on a GPU.")
 @click.option("--threads", default="auto", show_default=True,
               help="CPU threads: a number, or auto (whichever of 1 and torch's default is faster right now).")
 @click.option("--save-all", is_flag=True, help="Also save every configuration's head under OUT/runs/NNN/.")
@@ -306,6 +307,9 @@ def main(features_file, backbones, out, bins, recipe, feature_kind, split_file, 
     results = train_heads(data, configs, max_stack=max_stack, keep=keep,
                           threads=workers if workers > 1 else intra, calibrate=calibrate)
     elapsed = time.perf_counter() - started
+    if not quiet:
+        for source in sorted({r.reduction["source"] for r in results if r.reduction}):
+            click.echo(f"principal components (--pca): {source}")
     diverged = [i for i, r in enumerate(results) if r.diverged]
     for i in diverged:
         cfg = results[i].config

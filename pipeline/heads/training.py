@@ -71,7 +71,7 @@ def choose_threads(dim: int, hidden: int = 512, candidates=None) -> int:
     return best
 
 
-def train_heads(data: HeadData, configs: list[HeadConfig], max_stack: int = 16, keep: str = "best",
+def train_heads(data: HeadData, configs: list[HeadConfig], max_stack: int | None = None, keep: str = "best",
                 threads: int | str | None = None, progress=None, calibrate: str = "off") -> list[HeadResult]:
     """Train every configuration; returns results in the order given.
 
@@ -81,7 +81,8 @@ def train_heads(data: HeadData, configs: list[HeadConfig], max_stack: int = 16, 
     choose_threads); restored afterwards. Results do not depend on it beyond
     float rounding.
     Configurations with the same shape_key are trained together, up to
-    max_stack at a time (memory: about 5 copies of the weights per stacked head).
+    max_stack at a time (memory: about 5 copies of the weights per stacked head;
+    None: default_max_stack for the data's device).
     progress(done, total) is called after each stack.
     calibrate: "off" or "temperature": after the kept epoch is chosen, fit each
     head's temperature on the validation split (calibration.py).
@@ -89,6 +90,7 @@ def train_heads(data: HeadData, configs: list[HeadConfig], max_stack: int = 16, 
     if calibrate not in METHODS:
         raise ValueError(f"calibrate must be one of {', '.join(METHODS)}, not {calibrate!r}")
     workers, intra = thread_plan(data, configs, threads)
+    max_stack = max_stack or default_max_stack(data.device)
     before = torch.get_num_threads()
     try:
         if intra:
@@ -101,6 +103,12 @@ def train_heads(data: HeadData, configs: list[HeadConfig], max_stack: int = 16, 
         return results
     finally:
         torch.set_num_threads(before)
+
+
+def default_max_stack(device) -> int:
+    """Heads per stacked computation: 2 on a CPU, where a stack's weights and Adam state then stay in
+    cache (a 64-configuration sweep ran faster at 2 than at 16; benchmarks/RESULTS.md), 16 on a GPU."""
+    return 2 if torch.device(device).type == "cpu" else 16
 
 
 def thread_plan(data: HeadData, configs, threads: int | str | None = "auto") -> tuple[int, int | None]:

@@ -145,6 +145,7 @@ def test_train_head_pca_saves_a_head_that_loads_and_scores_raw_features(tmp_path
     assert meta["feature_dim"] == 32 and meta["reduction"]["components"] == 10
     assert meta["reduction"]["blocks"] == [[24, 10], [8, 8]]
     assert meta["reduction"]["source"].startswith("fitted on the training rows, stored in")
+    assert f"principal components (--pca): {meta['reduction']['source']}" in result.output
     checkpoint = load_checkpoint(out)
     features = load_head_inputs(feature_file, meta)[:, 0]
     with torch.no_grad():
@@ -199,3 +200,12 @@ def test_a_stored_fit_whose_numbers_were_edited_is_refitted_not_trusted(tmp_path
     again = train_heads(reduced_data(cache=cache), [config])[0]
     assert again.reduction["source"].startswith("fitted on the training rows, stored in")
     assert torch.equal(first.reduction["block0"], again.reduction["block0"])
+
+
+def test_a_fit_that_cannot_be_stored_is_used_in_memory_and_the_reason_is_kept(tmp_path):
+    blocked = tmp_path / "features.h5.pca"
+    blocked.write_text("a file where the cache folder would go")
+    cache = ReductionCache(tmp_path / "features.h5", {"rows": "abc"})
+    result = train_heads(reduced_data(cache=cache), [HeadConfig(epochs=1, hidden=(8,), standardize=True, pca=8)])[0]
+    assert result.reduction["source"].startswith("fitted on the training rows (could not store the fit in")
+    assert result.reduction["block0"].shape == (32, 8) and blocked.read_text().startswith("a file")
