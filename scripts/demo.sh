@@ -35,10 +35,6 @@ PY
 $BIN/explain "${faces[@]}" -c "$OUT/heads/mobilenet_v2" -c "$OUT/heads/resnet50" -c "$OUT/heads/efficientnet_b0" \
     -o "$OUT/cam"
 # The shipped default model on a sample picture (exit 3 means a picture was skipped, with the reason printed).
-predicted=""
-if [ -f pipeline/models/__init__.py ]; then
-    $BIN/predict "${faces[0]}" -o "$OUT/predict.json" || [ $? -eq 3 ]
-    predicted=", $OUT/predict.json"
-fi
+$BIN/predict "${faces[0]}" -o "$OUT/predict.json" || [ $? -eq 3 ]
 echo
-echo "demo done: $OUT/features.h5, $OUT/heads/*, $OUT/eval/comparison.md, $OUT/cam/grid_gradcam.png$predicted"
+echo "demo done: $OUT/features.h5, $OUT/heads/*, $OUT/eval/comparison.md, $OUT/cam/grid_gradcam.png, $OUT/predict.json"
