@@ -134,6 +134,30 @@ def _describe_calibration(c: dict, n_val: int) -> None:
                f"(accuracy unchanged)")
 
 
+def _grid(values: dict, hidden: str) -> dict:
+    """{option: [values]}: each recipe option's comma-separated list, parsed (a usage error names the option)."""
+    from pipeline.heads.model import TARGETS
+
+    v = values
+    return dict(
+        lr=_split_list(v["lr"], float, "--lr"),
+        epochs=_split_list(v["epochs"], int, "--epochs"),
+        batch_size=_split_list(v["batch_size"], int, "--batch-size"),
+        dropout=_split_list(v["dropout"], float, "--dropout"),
+        hidden=_hidden(hidden),
+        weight_decay=_split_list(v["weight_decay"], float, "--weight-decay"),
+        schedule=_split_list(v["schedule"], _choice(("constant", "cosine")), "--schedule"),
+        label_smoothing=_split_list(v["label_smoothing"], float, "--label-smoothing"),
+        class_weights=_split_list(v["class_weights"], _on_off, "--class-weights"),
+        standardize=_split_list(v["standardize"], _on_off, "--standardize"),
+        flip=_split_list(v["flip"], _on_off, "--flip"),
+        seed=_split_list(v["seed"], int, "--seed"),
+        target=_split_list(v["target"], _choice(TARGETS), "--target"),
+        soft_sigma=_split_list(v["soft_sigma"], float, "--soft-sigma"),
+        pca=_split_list(v["pca"], int, "--pca"),
+    )
+
+
 def _load(features_file, names, feature_kind, split_file, recipe, edges):
     """The training set (heads.data.TrainingSet), regrouped into `edges` when given; problems are one line."""
     from pipeline.features.read import read_meta, read_settings
@@ -231,7 +255,6 @@ def main(features_file, backbones, out, bins, recipe, feature_kind, split_file, 
     from pipeline.backbones.registry import parse_backbones
     from pipeline.device import resolve_device
     from pipeline.heads.data import HeadData
-    from pipeline.heads.model import TARGETS
     from pipeline.heads.sweep import grid_configs, ranked, results_rows, save_sweep
     from pipeline.heads.targets import AGE_TARGETS, missing_ages_message
     from pipeline.heads.training import thread_plan, train_heads
@@ -239,11 +262,7 @@ def main(features_file, backbones, out, bins, recipe, feature_kind, split_file, 
 
     # The recipe fills in every option the command line left at its default.
     values, overridden = _with_recipe(click.get_current_context(), recipe)
-    (feature_kind, target, soft_sigma, lr, epochs, dropout, weight_decay, schedule, label_smoothing, standardize,
-     calibrate) = (values[k] for k in ("feature_kind", "target", "soft_sigma", "lr", "epochs", "dropout",
-                                       "weight_decay", "schedule", "label_smoothing", "standardize", "calibrate"))
-    batch_size, class_weights, flip, seed, pca = (values[k] for k in ("batch_size", "class_weights", "flip", "seed",
-                                                                      "pca"))
+    feature_kind, calibrate = values["feature_kind"], values["calibrate"]
     if threads != "auto" and (not threads.isdigit() or int(threads) < 1):
         raise click.BadParameter(f"{threads!r} is not a positive number or auto", param_hint="--threads")
     try:
@@ -259,23 +278,7 @@ def main(features_file, backbones, out, bins, recipe, feature_kind, split_file, 
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--bins") from None
 
-    grid = dict(
-        lr=_split_list(lr, float, "--lr"),
-        epochs=_split_list(epochs, int, "--epochs"),
-        batch_size=_split_list(batch_size, int, "--batch-size"),
-        dropout=_split_list(dropout, float, "--dropout"),
-        hidden=_hidden(hidden),
-        weight_decay=_split_list(weight_decay, float, "--weight-decay"),
-        schedule=_split_list(schedule, _choice(("constant", "cosine")), "--schedule"),
-        label_smoothing=_split_list(label_smoothing, float, "--label-smoothing"),
-        class_weights=_split_list(class_weights, _on_off, "--class-weights"),
-        standardize=_split_list(standardize, _on_off, "--standardize"),
-        flip=_split_list(flip, _on_off, "--flip"),
-        seed=_split_list(seed, int, "--seed"),
-        target=_split_list(target, _choice(TARGETS), "--target"),
-        soft_sigma=_split_list(soft_sigma, float, "--soft-sigma"),
-        pca=_split_list(pca, int, "--pca"),
-    )
+    grid = _grid(values, hidden)
     try:
         kind_outputs(feature_kind)
     except ValueError as err:
