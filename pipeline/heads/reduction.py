@@ -139,8 +139,8 @@ class ReductionCache:
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             tensors = {k: v.detach().cpu().contiguous() for k, v in fit.items()}
-            save_file(tensors, str(tmp), metadata={"fields": json.dumps(self._fields(widths, components), sort_keys=True),
-                                                   "sha256": state_digest(tensors)})
+            fields = json.dumps(self._fields(widths, components), sort_keys=True)
+            save_file(tensors, str(tmp), metadata={"fields": fields, "sha256": state_digest(tensors)})
             os.chmod(tmp, 0o644)  # readable by everyone who reads the feature file beside it
             tmp.replace(path)
         except OSError as err:
