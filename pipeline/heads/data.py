@@ -152,17 +152,21 @@ class HeadData:
         """Widths of the feature blocks in column order (one block when unknown)."""
         return tuple(self.blocks) if sum(self.blocks) == self.dim else (self.dim,)
 
+    def pca_components(self, requested: int) -> int:
+        """Components --pca N keeps of a block wider than that: at most the training rows (both views) less one."""
+        return min(requested, 2 * self.train.shape[0] - 1)
+
     def reduced(self, components: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(train [n, 2, W], val [n_val, W], fit) for a head fed --pca N: blocks wider than N as N components.
 
-        N is at most the number of training rows (both views) less one.
+        N is capped by pca_components.
         fit: {"mean" [D], "std" [D], "block{i}" [width_i, N] per reduced block, "blocks" [[width, kept]...],
         "source"}: reused from the cache beside the feature file when there is one, else fitted on the
         standardized training rows (and stored). The inputs are computed from the fit the same way in
         both cases, so a reused fit trains the same head.
         """
         key = ("pca", components)
-        components = min(components, 2 * self.train.shape[0] - 1)
+        components = self.pca_components(components)
         widths = self.block_widths
         if key not in self._standardized:
             cache = self.reductions

@@ -256,7 +256,7 @@ def head_inputs(data: HeadData, cfg: HeadConfig) -> tuple[torch.Tensor, torch.Te
 
 def reduces(data: HeadData, cfg: HeadConfig) -> bool:
     """Whether --pca reduces any block of these features (a block no wider than N is fed whole)."""
-    return bool(cfg.pca) and any(w > min(cfg.pca, 2 * data.train.shape[0] - 1) for w in data.block_widths)
+    return bool(cfg.pca) and any(w > data.pca_components(cfg.pca) for w in data.block_widths)
 
 
 def _step(net: Stack, target, X, lo, hi, sizes, dropout, t, total_steps) -> torch.Tensor:
