@@ -22,7 +22,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from pipeline.cli.evaluate import main as evaluate_main
 from pipeline.cli.exit_codes import FAILED, OK, SKIPPED, USAGE
@@ -32,17 +31,13 @@ from pipeline.features import writer
 from pipeline.features.read import read_meta
 from pipeline.heads.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.heads.config import HeadConfig
+from tests.support.cli import QUICK, invoke, quick_head
 from tests.support.folders import write_utk_folder
 from tests.support.imagefactory import asymmetric_rgb, write_garbage, write_jpeg
 from tests.support.paths import REPO
 from tests.support.synthetic import make_feature_file
 
 SMALL = {"mobilenet_v2": (32, 16), "resnet50": (40, 24), "efficientnet_b0": (32, 16)}
-QUICK = ["--epochs", "2", "--hidden", "16,8", "--device", "cpu", "--threads", "1", "--quiet"]
-
-
-def invoke(command, *args):
-    return CliRunner().invoke(command, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +48,7 @@ def synthetic(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def head(synthetic, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("head") / "mnv2"
-    result = invoke(train_head_main, synthetic, "--backbones", "mobilenet_v2", "-o", out, *QUICK)
-    assert result.exit_code == OK, result.output
-    return out
+    return quick_head(synthetic, tmp_path_factory.mktemp("head") / "mnv2")
 
 
 def copy_with(path: Path, dest: Path, edit) -> Path:

@@ -10,7 +10,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from pipeline.cli.evaluate import main as evaluate_main
 from pipeline.cli.exit_codes import FAILED, OK, USAGE
@@ -21,6 +20,7 @@ from pipeline.heads.checkpoint import load_checkpoint
 from pipeline.heads.data import load_training_data
 from pipeline.heads.regroup import RegroupError, regroup_training_set
 from pipeline.ingest.dataset import age_to_group
+from tests.support.cli import invoke
 from tests.support.synthetic import make_feature_file, reseal
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -28,10 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 WIDTHS = {"mobilenet_v2": (32, 16)}
 QUICK = ["--epochs", "3", "--hidden", "16,8", "--device", "cpu", "--threads", "1", "--quiet"]
 BINS = (18, 30, 45, 60, 116)
-
-
-def invoke(command, *args):
-    return CliRunner().invoke(command, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from pipeline.cli.featurize import main as featurize_main
 from pipeline.cli.options import rewrite_aliases
 from pipeline.cli.train_head import main as train_head_main
 from pipeline.heads.checkpoint import load_checkpoint
+from tests.support.cli import QUICK, invoke, quick_head
 from tests.support.synthetic import make_feature_file
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -26,11 +27,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 WIDTHS = {"mobilenet_v2": (32, 16)}
 NAMES = {featurize_main: "featurize", train_head_main: "train-head", evaluate_main: "evaluate",
          explain_main: "explain"}
-QUICK = ["--epochs", "2", "--hidden", "16,8", "--device", "cpu", "--threads", "1", "--quiet"]
-
-
-def invoke(command, *args):
-    return CliRunner().invoke(command, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +36,7 @@ def feature_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def head(feature_file, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("head") / "mnv2"
-    result = invoke(train_head_main, feature_file, "--backbones", "mobilenet_v2", "-o", out, *QUICK)
-    assert result.exit_code == OK, result.output
-    return out
+    return quick_head(feature_file, tmp_path_factory.mktemp("head") / "mnv2")
 
 
 def test_rewrite_aliases_renames_old_spellings_up_to_a_double_dash():
