@@ -23,6 +23,7 @@ import torch
 from benchmarks.machine_info import machine
 from benchmarks.train_head import UTK_ROWS, load_average, matmul_rates, synthetic
 from pipeline.heads.config import HeadConfig
+from pipeline.heads.model import output_width
 from pipeline.heads.stack_ops import (
     Stack,
     adam_step,
@@ -32,7 +33,7 @@ from pipeline.heads.stack_ops import (
     keep_threshold,
 )
 from pipeline.heads.targets import make_target
-from pipeline.heads.training import _evaluate, head_inputs
+from pipeline.heads.training import _evaluate, backward, forward_with_dropout, head_inputs
 
 
 def phase_times(data, cfg: HeadConfig, steps: int) -> dict:
@@ -46,7 +47,7 @@ def phase_times(data, cfg: HeadConfig, steps: int) -> dict:
     table = train.reshape(2 * n, width)
     weights = torch.ones(1, data.n_classes)
     target = make_target(cfg.target, data, [cfg], weights)
-    sizes = [width, *cfg.hidden, 4 if cfg.target in ("group", "soft") else 1]
+    sizes = [width, *cfg.hidden, output_width(cfg.target, data.n_classes)]
     net = Stack([cfg], sizes, data.device)
     thresholds = torch.tensor([keep_threshold(cfg.dropout) - 32768], dtype=torch.int32).view(1, 1, 1)
     scale = torch.tensor([dropout_scale(cfg.dropout)]).view(1, 1, 1)
@@ -56,7 +57,7 @@ def phase_times(data, cfg: HeadConfig, steps: int) -> dict:
     grp = data.train_group[order].unsqueeze(0)
     inv = torch.full((1, n), 1.0 / cfg.batch_size)
     target.start_epoch(order.unsqueeze(0), grp, weights.gather(1, grp), inv)
-    B, L = cfg.batch_size, len(sizes) - 1
+    B = cfg.batch_size
     per = dict.fromkeys(["batches", "forward (with dropout)", "target gradient", "backward", "Adam"], 0.0)
     steps = min(steps, n // B)
     for step in range(steps + 1):
@@ -65,22 +66,11 @@ def phase_times(data, cfg: HeadConfig, steps: int) -> dict:
         X = table.index_select(0, rows[:, lo:hi].reshape(-1)).view(1, B, width)
         t.append(clock())
         F_ = dropout_factors(net.drop_gens, bits, 1, B, sum(cfg.hidden), thresholds, scale, X.device)
-        acts, masks, col = [X], [], 0
-        for layer in range(L - 1):
-            H = torch.baddbmm(net.b[layer].unsqueeze(1), acts[-1], net.W[layer])
-            M = F_[:, :, col:col + sizes[layer + 1]] * (H > 0)
-            acts.append(H.mul_(M))
-            masks.append(M)
-            col += sizes[layer + 1]
-        Z = torch.baddbmm(net.b[L - 1].unsqueeze(1), acts[-1], net.W[L - 1])
+        Z, acts, masks = forward_with_dropout(net, X, sizes, F_)
         t.append(clock())
         dA = target.gradient(Z, lo, hi)
         t.append(clock())
-        for layer in range(L - 1, -1, -1):
-            torch.bmm(acts[layer].transpose(1, 2), dA, out=net.gW[layer])
-            torch.sum(dA, 1, out=net.gb[layer])
-            if layer > 0:
-                dA = torch.bmm(dA, net.W[layer].transpose(1, 2)).mul_(masks[layer - 1])
+        backward(net, acts, masks, dA)
         t.append(clock())
         for group in net.adam:
             group["step"] += 1
@@ -118,7 +108,7 @@ def main(argv=None) -> None:
     times = phase_times(data, cfg, args.steps)
     width = head_inputs(data, cfg)[0].shape[2]
     n, n_val = data.train.shape[0], data.val.shape[0]
-    sizes = [width, *cfg.hidden, 4]
+    sizes = [width, *cfg.hidden, output_width(cfg.target, data.n_classes)]
     params = sum(i * o for i, o in zip(sizes[:-1], sizes[1:]))
     dx = sum(i * o for i, o in zip(sizes[1:-1], sizes[2:]))
     flops = {"forward (with dropout)": 2 * n * params, "backward": 2 * n * (params + dx),

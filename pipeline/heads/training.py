@@ -262,9 +262,27 @@ def reduces(data: HeadData, cfg: HeadConfig) -> bool:
 def _step(net: Stack, target, X, lo, hi, sizes, dropout, t, total_steps) -> torch.Tensor:
     """One batch: forward with dropout, dLoss/dZ from the target, hand-written backward, Adam. Returns Z."""
     thresholds16, scale, hidden_total, bits = dropout
-    K, b, L = X.shape[0], X.shape[1], len(sizes) - 1
+    K, b = X.shape[0], X.shape[1]
     F_ = dropout_factors(net.drop_gens, bits, K, b, hidden_total, thresholds16, scale, X.device)
-    # Forward. M_l = keep-mask * scale * relu'(H_l), so A_l = H_l * M_l and dH_l = dA_l * M_l.
+    Z, acts, masks = forward_with_dropout(net, X, sizes, F_)
+    # dLoss/dZ for the batch mean; the loss itself is computed from the stored outputs once per epoch.
+    backward(net, acts, masks, target.gradient(Z, lo, hi))
+    target.tie_gradient(net.gW[-1])
+    for group in net.adam:
+        lr = group["lr"]
+        if group["schedule"] == "cosine":
+            lr = lr * 0.5 * (1 + math.cos(math.pi * t / total_steps))
+        group["step"] += 1
+        adam_step(group["p"], group["g"], group["m"], group["v"], group["step"], lr, group["wd"])
+    return Z
+
+
+def forward_with_dropout(net: Stack, X, sizes, F_) -> tuple[torch.Tensor, list, list]:
+    """(Z, activations, masks) of a training batch [K, b, D]; F_ [K, b, hidden total] the dropout factors.
+
+    M_l = keep-mask * scale * relu'(H_l), so A_l = H_l * M_l and, in backward, dH_l = dA_l * M_l.
+    """
+    L = len(sizes) - 1
     acts, masks = [X], []
     col = 0
     for l in range(L - 1):
@@ -276,22 +294,16 @@ def _step(net: Stack, target, X, lo, hi, sizes, dropout, t, total_steps) -> torc
         masks.append(M)
         col += h
     Z = torch.baddbmm(net.b[L - 1].unsqueeze(1), acts[-1], net.W[L - 1])
-    # dLoss/dZ for the batch mean; the loss itself is computed from the stored outputs once per epoch.
-    dA = target.gradient(Z, lo, hi)
-    # Backward, straight into the gradient buffers.
-    for l in range(L - 1, -1, -1):
+    return Z, acts, masks
+
+
+def backward(net: Stack, acts, masks, dA) -> None:
+    """Gradients of every layer from dLoss/dZ, straight into the stack's gradient buffers."""
+    for l in range(len(acts) - 1, -1, -1):
         torch.bmm(acts[l].transpose(1, 2), dA, out=net.gW[l])
         torch.sum(dA, 1, out=net.gb[l])
         if l > 0:
             dA = torch.bmm(dA, net.W[l].transpose(1, 2)).mul_(masks[l - 1])
-    target.tie_gradient(net.gW[L - 1])
-    for group in net.adam:
-        lr = group["lr"]
-        if group["schedule"] == "cosine":
-            lr = lr * 0.5 * (1 + math.cos(math.pi * t / total_steps))
-        group["step"] += 1
-        adam_step(group["p"], group["g"], group["m"], group["v"], group["step"], lr, group["wd"])
-    return Z
 
 
 class _Progress:
